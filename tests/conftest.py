@@ -1,0 +1,55 @@
+"""Shared fixtures: the real demo model (converted once, cached) and tiny random models.
+
+Tiny models are Llama-architecture, randomly initialised from a config, and use the demo
+model's real tokenizer, so tests exercise real tokenization in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("FTUNE_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    from ftune.models import demo_model_dir as resolve
+
+    return resolve()
+
+
+def build_tiny_model(out: Path, tokenizer_dir: Path, *, arch: str = "llama", seed: int = 0) -> Path:
+    """A randomly initialised model of a few MB with the demo tokenizer, saved as safetensors."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = AutoConfig.for_model(
+        arch,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, demo_model_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", demo_model_dir)
