@@ -71,6 +71,44 @@ def schema(
             typer.echo(f"    {doc}")
 
 
+@app.command()
+def sft(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    smoke: Annotated[bool, typer.Option("--smoke", help="Same recipe on 16 samples for 3 steps, into OUTPUT-smoke: what a CI job runs.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in output.dir (found automatically too).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in output.dir.")] = False,
+) -> None:
+    """Supervised fine-tuning (LoRA, QLoRA, DoRA or full) from a recipe."""
+    from ftune.stages import sft as stage
+
+    try:
+        stage.run(recipe, set_ or [], smoke=smoke, resume=resume, overwrite=overwrite)
+    except FtuneError as exc:
+        _fail(exc)
+
+
+@app.command()
+def merge(
+    run: Annotated[Path, typer.Argument(help="An ftune run directory, or a PEFT adapter directory.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the merged Hugging Face model.", show_default=False)],
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model to merge onto, instead of the one the run or adapter names.", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bf16, fp16 or fp32 (default: the base's dtype).", show_default=False)] = None,
+    onto: Annotated[str, typer.Option("--onto", help="For QLoRA adapters. quantized: round the base through 4 bits as in training, then merge; "
+        "the merged model reproduces what the adapter was trained against. original: merge onto the full-precision "
+        "weights; keeps full precision but shifts outputs slightly from the trained model (the parity report measures it).")] = "quantized",
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the parity check against the unmerged adapter.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+) -> None:
+    """Merge an adapter into its base model and prove the merged model behaves like the adapter."""
+    from ftune.merge import merge_to_dir
+
+    try:
+        merge_to_dir(run, out, base=base, dtype=dtype, onto=onto, verify=not no_verify, overwrite=overwrite, echo=typer.echo)
+    except FtuneError as exc:
+        _fail(exc)
+
+
 def main() -> None:  # pragma: no cover - entry point for `python -m ftune`
     try:
         app()

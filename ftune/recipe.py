@@ -258,12 +258,24 @@ def parse_recipe(text: str, source: str, overrides: list[str] = ()) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        problems = [_describe(err, marks, override_paths, data) for err in exc.errors()]
-        raise RecipeError(_dedupe(problems), source) from None
+        errors = exc.errors()
+        # A misspelled required key shows up twice (unknown + missing): keep the "did you mean".
+        suggested = {(*e["loc"][:-1], _suggest_key(e["loc"])) for e in errors if e["type"] == "extra_forbidden"}
+        errors = [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in suggested)]
+        problems = [_describe(err, marks, override_paths, data) for err in errors]
+        raise RecipeError(sorted(dict.fromkeys(problems), key=_line_order), source) from None
 
 
-def _dedupe(items: list[str]) -> list[str]:
-    return list(dict.fromkeys(items))
+def _line_order(problem: str) -> tuple[int, int]:
+    if problem.startswith("line "):
+        digits = problem[5:].split(",")[0].split(":")[0]
+        return (1, int(digits) if digits.isdigit() else 0)
+    return (0, 0)  # --set problems first: they are what the user just typed
+
+
+def _suggest_key(loc: tuple) -> str | None:
+    found = difflib.get_close_matches(str(loc[-1]), _known_keys(tuple(loc[:-1])), n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 def _apply_override(data: dict, item: str) -> tuple[tuple[str, ...], Any]:
@@ -332,9 +344,8 @@ def _describe(err: dict, marks: dict, override_paths: dict, data: dict) -> str:
     key_path = ".".join(str(p) for p in loc) or "(top level)"
     place = _place(loc, marks, override_paths)
     if kind == "extra_forbidden":
-        known = _known_keys(loc[:-1])
-        suggestion = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
-        hint = f"; did you mean '{suggestion[0]}'?" if suggestion else f"; known keys here: {', '.join(known)}"
+        suggestion = _suggest_key(loc)
+        hint = f"; did you mean '{suggestion}'?" if suggestion else f"; known keys here: {', '.join(_known_keys(loc[:-1]))}"
         return f"{place}{key_path}: unknown key '{loc[-1]}'{hint}"
     if kind == "missing":
         doc = _field_doc(loc)

@@ -1,0 +1,110 @@
+"""Read rows from local files and hub datasets, each row tagged with where it came from.
+
+The place of a row is what a user can open in an editor: the line of a JSONL or CSV
+file, the index in a JSON list, the row of a Parquet file or hub split.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftune.errors import FtuneError
+
+FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+
+
+@dataclass(frozen=True)
+class Row:
+    data: dict
+    place: str  # e.g. "data/train.jsonl line 12"
+
+
+def read_source(path: str, *, base_dir: Path, split: str = "train", subset: str | None = None) -> tuple[list[Row], str]:
+    """All rows of one source and a fingerprint of its contents (for the tokenization cache)."""
+    local = Path(path).expanduser()
+    if not local.is_absolute():
+        local = base_dir / local
+    if local.suffix.lower() in FILE_SUFFIXES or local.exists():
+        if not local.is_file():
+            raise FtuneError(f"data file {local} does not exist")
+        raw = local.read_bytes()
+        fingerprint = hashlib.sha256(raw).hexdigest()
+        rows = _read_file(local, raw)
+        return rows, fingerprint
+    return _read_hub(path, split=split, subset=subset)
+
+
+def _read_file(path: Path, raw: bytes) -> list[Row]:
+    suffix = path.suffix.lower()
+    name = str(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise FtuneError(f"invalid UTF-8 at byte {exc.start}", place=f"{name} line {line}") from None
+    if suffix == ".jsonl" or (suffix != ".csv" and not text.lstrip().startswith("[")):
+        return _read_jsonl(name, text)
+    if suffix == ".csv":
+        return _read_csv(name, text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FtuneError(f"invalid JSON: {exc.msg}", place=f"{name} line {exc.lineno}, column {exc.colno}") from None
+    if not isinstance(data, list):
+        raise FtuneError("a JSON data file must hold a list of rows", place=name)
+    return [Row(item, f"{name} row {i}") for i, item in enumerate(data)]
+
+
+def _read_jsonl(name: str, text: str) -> list[Row]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(Row(json.loads(line), f"{name} line {number}"))
+        except json.JSONDecodeError as exc:
+            raise FtuneError(f"invalid JSON: {exc.msg} (column {exc.colno})", place=f"{name} line {number}") from None
+    return rows
+
+
+def _read_csv(name: str, text: str) -> list[Row]:
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    # The header is line 1, so the first row is line 2 (quoted newlines aside).
+    return [Row(dict(item), f"{name} line {reader.line_num}") for item in reader]
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises many types for a bad file
+        raise FtuneError(f"unreadable Parquet file: {exc}", place=str(path)) from None
+    return [Row(item, f"{path} row {i}") for i, item in enumerate(table.to_pylist())]
+
+
+def _read_hub(name: str, *, split: str, subset: str | None) -> tuple[list[Row], str]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, subset, split=split)
+    except FileNotFoundError:
+        raise FtuneError(
+            f"data '{name}' is neither a local file nor a dataset on the Hub (or in the local cache)",
+            hint="check the path (relative paths are relative to the recipe's folder)",
+        ) from None
+    except ConnectionError:
+        raise FtuneError(
+            f"cannot fetch dataset '{name}': the Hugging Face Hub is unreachable and it is not in the local cache"
+        ) from None
+    except ValueError as exc:
+        raise FtuneError(f"cannot load dataset '{name}': {exc}") from None
+    fingerprint = getattr(dataset, "_fingerprint", None) or hashlib.sha256(f"{name}:{subset}:{split}".encode()).hexdigest()
+    rows = [Row(item, f"{name}[{split}] row {i}") for i, item in enumerate(dataset)]
+    return rows, fingerprint
