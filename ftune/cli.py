@@ -109,6 +109,73 @@ def merge(
         _fail(exc)
 
 
+@app.command()
+def dpo(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    smoke: Annotated[bool, typer.Option("--smoke", help="Same recipe on 8 pairs for 3 steps, into OUTPUT-smoke.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in output.dir (found automatically too).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in output.dir.")] = False,
+) -> None:
+    """Preference tuning (DPO, IPO, SimPO, CPO, ORPO, KTO), usually continuing an SFT run."""
+    from ftune.stages import dpo as stage
+
+    try:
+        stage.run(recipe, set_ or [], smoke=smoke, resume=resume, overwrite=overwrite)
+    except FtuneError as exc:
+        _fail(exc)
+
+
+from ftune.gguf import formats as gguf_formats  # light: the type table for --help, no numpy or gguf
+
+
+@app.command(
+    "export-gguf",
+    help="Export a model as one GGUF file for llama.cpp, Ollama and LM Studio, and prove it matches the source.\n\n"
+    "MODEL is a merged model directory, any Hugging Face model directory or hub id, an ftune run directory "
+    "(merged on the fly), or 'demo'. Next to FILE.gguf come FILE.gguf.parity.json (the proof) and an Ollama Modelfile.\n\n"
+    "\b\nTypes (pick q5_k_m if it fits, else q4_k_m):\n" + gguf_formats.types_help(),
+)
+def export_gguf(
+    model: Annotated[str, typer.Argument(help="Model directory, hub id, run directory, or 'demo'.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .gguf file to write.", show_default=False)],
+    type_: Annotated[str, typer.Option("--type", "-t", help="Output type, from the table above.")] = gguf_formats.DEFAULT_TYPE,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the parity check (it loads the source model in float32).")] = False,
+) -> None:
+    from ftune.gguf import export as stage
+
+    try:
+        stage.run(model, out, type_, overwrite=overwrite, verify=not no_verify, echo=typer.echo)
+    except FtuneError as exc:
+        _fail(exc)
+
+
+@app.command()
+def inspect(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    samples: Annotated[int, typer.Option("--samples", help="Training samples to show with trained and masked tokens coloured.")] = 2,
+    gpu_memory: Annotated[float, typer.Option("--gpu-memory", help="GPU memory in GiB to check the recipe against.")] = 24.0,
+    json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON instead of the report.")] = False,
+) -> None:
+    """See what training will see: rows, skipped rows, token lengths, loss share, packing, steps, memory."""
+    import json
+
+    from rich.console import Console
+
+    from ftune.inspect import inspect_recipe, print_inspection
+
+    try:
+        result = inspect_recipe(recipe, set_ or [])
+    except FtuneError as exc:
+        _fail(exc)
+    if json_:
+        typer.echo(json.dumps(result.numbers(), indent=2))
+    else:
+        print_inspection(result, Console(), samples=samples, gpu_gib=gpu_memory)
+
+
 def main() -> None:  # pragma: no cover - entry point for `python -m ftune`
     try:
         app()

