@@ -29,8 +29,26 @@ SetOpt = Annotated[
 ]
 
 
+DistOpts = {
+    "num_processes": typer.Option("--num-processes", help="Processes (GPUs) in all; sets distributed.num_processes.", show_default=False),
+    "num_machines": typer.Option("--num-machines", help="Machines in the run; sets distributed.num_machines.", show_default=False),
+    "machine_rank": typer.Option("--machine-rank", help="This machine's rank; sets distributed.machine_rank.", show_default=False),
+    "main_process_ip": typer.Option("--main-process-ip", help="Rank-0 machine's address; sets distributed.main_process_ip.", show_default=False),
+    "main_process_port": typer.Option("--main-process-port", help="Rank-0 machine's port; sets distributed.main_process_port.", show_default=False),
+}
+
+
+def _with_distributed(overrides: list[str] | None, **values) -> list[str]:
+    """Command-line distributed options, as recipe overrides (validated like the recipe)."""
+    return [*(overrides or []), *(f"distributed.{key}={value}" for key, value in values.items() if value is not None)]
+
+
 def _fail(exc: FtuneError) -> None:
-    typer.echo(f"error: {exc}", err=True)
+    import os
+
+    # Under `accelerate launch` every process fails the same way: only rank 0 says so.
+    if os.environ.get("FTUNE_LAUNCHED") != "1" or os.environ.get("RANK", "0") == "0":
+        typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -78,12 +96,19 @@ def sft(
     smoke: Annotated[bool, typer.Option("--smoke", help="Same recipe on 16 samples for 3 steps, into OUTPUT-smoke: what a CI job runs.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in output.dir (found automatically too).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in output.dir.")] = False,
+    num_processes: Annotated[Optional[int], DistOpts["num_processes"]] = None,
+    num_machines: Annotated[Optional[int], DistOpts["num_machines"]] = None,
+    machine_rank: Annotated[Optional[int], DistOpts["machine_rank"]] = None,
+    main_process_ip: Annotated[Optional[str], DistOpts["main_process_ip"]] = None,
+    main_process_port: Annotated[Optional[int], DistOpts["main_process_port"]] = None,
 ) -> None:
     """Supervised fine-tuning (LoRA, QLoRA, DoRA or full) from a recipe."""
     from ftune.stages import sft as stage
 
+    overrides = _with_distributed(set_, num_processes=num_processes, num_machines=num_machines, machine_rank=machine_rank,
+                                  main_process_ip=main_process_ip, main_process_port=main_process_port)
     try:
-        stage.run(recipe, set_ or [], smoke=smoke, resume=resume, overwrite=overwrite)
+        stage.run(recipe, overrides, smoke=smoke, resume=resume, overwrite=overwrite)
     except FtuneError as exc:
         _fail(exc)
 
@@ -116,12 +141,19 @@ def dpo(
     smoke: Annotated[bool, typer.Option("--smoke", help="Same recipe on 8 pairs for 3 steps, into OUTPUT-smoke.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in output.dir (found automatically too).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in output.dir.")] = False,
+    num_processes: Annotated[Optional[int], DistOpts["num_processes"]] = None,
+    num_machines: Annotated[Optional[int], DistOpts["num_machines"]] = None,
+    machine_rank: Annotated[Optional[int], DistOpts["machine_rank"]] = None,
+    main_process_ip: Annotated[Optional[str], DistOpts["main_process_ip"]] = None,
+    main_process_port: Annotated[Optional[int], DistOpts["main_process_port"]] = None,
 ) -> None:
     """Preference tuning (DPO, IPO, SimPO, CPO, ORPO, KTO), usually continuing an SFT run."""
     from ftune.stages import dpo as stage
 
+    overrides = _with_distributed(set_, num_processes=num_processes, num_machines=num_machines, machine_rank=machine_rank,
+                                  main_process_ip=main_process_ip, main_process_port=main_process_port)
     try:
-        stage.run(recipe, set_ or [], smoke=smoke, resume=resume, overwrite=overwrite)
+        stage.run(recipe, overrides, smoke=smoke, resume=resume, overwrite=overwrite)
     except FtuneError as exc:
         _fail(exc)
 

@@ -38,6 +38,45 @@ def output_dir(directory: str, base_dir: Path, smoke: bool) -> Path:
     return path.with_name(path.name + "-smoke") if smoke else path
 
 
+def resume_point(run_dir: Path, recipe, ctx, *, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, if any. Under `accelerate launch` the launcher has decided already."""
+    from ftune import distributed
+
+    if distributed.is_launched():
+        return training.latest_checkpoint(run_dir)
+    return prepare_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite)
+
+
+class LaunchFailed(FtuneError):
+    def __init__(self, stage: str, code: int):
+        if code == 130:
+            super().__init__(f"the distributed {stage} run was interrupted; resume it with the command above")
+        else:
+            super().__init__(f"the distributed {stage} run failed (exit code {code}); see the processes' messages above")
+        self.exit_code = code
+
+
+def launch_distributed(stage: str, recipe, recipe_path: Path, overrides, run_dir: Path, base_dir: Path, *,
+                       smoke: bool, resume: bool, overwrite: bool) -> Path:
+    """Decide fresh run or resume once, then run the stage in `num_processes` processes."""
+    from ftune import distributed, models
+
+    prepare_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite or smoke)
+    dist = recipe.distributed
+    layer_class = None
+    if dist.backend == "fsdp":
+        model_path = models.resolve_model_path(recipe.base_model.name, revision=recipe.base_model.revision, base_dir=base_dir)
+        layer_class = distributed.decoder_layer_class(model_path, recipe.base_model.trust_remote_code)
+    config = distributed.accelerate_config(dist, cuda=torch.cuda.is_available(), layer_class=layer_class,
+                                           gradient_accumulation_steps=recipe.training.gradient_accumulation_steps)
+    argv = [item for o in overrides for item in ("--set", o)] + (["--smoke"] if smoke else [])
+    console.print(f"launching {dist.num_processes} processes ({dist.backend}) with accelerate; config: {run_dir / distributed.CONFIG_FILE}")
+    code = distributed.launch(stage, recipe_path, argv, run_dir, config)
+    if code != 0:
+        raise LaunchFailed(stage, code)
+    return run_dir
+
+
 def prepare_run_dir(run_dir: Path, recipe, *, resume: bool, overwrite: bool) -> Path | None:
     """Decide between a fresh run, a resume, and refusing; return the checkpoint to resume from."""
     meta = run_dir / RUN_FILE

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from ftune.data.chat import IGNORE, Formatter
 from ftune.data.formats import Chat, Preference
 from ftune.data.packing import Encoded, collate, pack
-from ftune.training import causal_lm_parts, hidden_states
 
 REFERENCE_FREE = {"simpo", "cpo", "orpo"}
 
@@ -84,11 +83,11 @@ def _encode(formatter: Formatter, prompt, answer, max_length: int, max_prompt_le
     return ids, labels
 
 
-def sequence_logps(model, data: Encoded, indices: list[int], *, max_length: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(scorer, data: Encoded, indices: list[int], *, max_length: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each sequence's labelled tokens, and their count.
 
-    The sequences are packed into rows (each attends only to itself) and logits are
-    computed only at labelled positions.
+    The sequences are packed into rows (each attends only to itself); `scorer` is a
+    `TokenLogProbs` (possibly wrapped by DDP/FSDP).
     """
     local_rows = pack(data.lengths()[indices], max_length)
     rows = [[indices[j] for j in row] for row in local_rows]
@@ -100,14 +99,8 @@ def sequence_logps(model, data: Encoded, indices: list[int], *, max_length: int,
             n = int(data.lengths()[indices[j]])
             segment[r, at: at + n] = j
             at += n
-    decoder, head, softcap = causal_lm_parts(model)
-    hidden = hidden_states(decoder, batch)
-    keep = batch["targets"] != IGNORE
-    logits = head(hidden[keep]).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    token_logps = -F.cross_entropy(logits, batch["targets"][keep], reduction="none")
-    owner = segment[keep]
+    token_logps = scorer(**batch)
+    owner = segment[batch["targets"] != IGNORE]
     sums = torch.zeros(len(indices), device=device, dtype=token_logps.dtype).index_add(0, owner, token_logps)
     counts = torch.zeros(len(indices), device=device, dtype=token_logps.dtype).index_add(0, owner, torch.ones_like(token_logps))
     return sums, counts

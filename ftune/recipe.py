@@ -163,6 +163,23 @@ class EvaluationSection(Section):
     max_eval_samples: int | None = Field(None, gt=0, description="Cap on held-out samples used for eval loss.")
 
 
+class DistributedSection(Section):
+    backend: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="ddp copies the model on every device; fsdp and deepspeed (ZeRO) shard it."
+    )
+    num_processes: int = Field(1, ge=1, description="Processes in total (one per GPU; on CPU, gloo processes).")
+    num_machines: int = Field(1, ge=1, description="Machines (nodes) in the run.")
+    machine_rank: int = Field(0, ge=0, description="This machine's rank, 0 on the main one.")
+    main_process_ip: str | None = Field(None, description="Address of the rank-0 machine (multi-node).")
+    main_process_port: int = Field(29500, ge=1, le=65535, description="Port of the rank-0 machine.")
+    fsdp_sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard"] = Field(
+        "full_shard", description="fsdp only: what is sharded (full_shard = parameters, gradients and optimizer state)."
+    )
+    fsdp_cpu_offload: bool = Field(False, description="fsdp only: keep sharded parameters in CPU memory.")
+    zero_stage: Literal[2, 3] = Field(2, description="deepspeed only: ZeRO stage (2 shards gradients and optimizer, 3 also parameters).")
+    zero_offload: bool = Field(False, description="deepspeed only: offload optimizer state (and stage-3 parameters) to CPU.")
+
+
 class OutputSection(Section):
     dir: str = Field(description="Run directory (relative to the recipe's folder unless absolute).")
 
@@ -178,6 +195,9 @@ class Recipe(Section):
     training: TrainingSection = Field(default_factory=TrainingSection, description="Optimisation settings.")
     preference: PreferenceSection | None = Field(None, description="Preference-tuning settings (stage: dpo).")
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection, description="What is measured.")
+    distributed: DistributedSection = Field(
+        default_factory=DistributedSection, description="Several processes or machines, through Hugging Face accelerate."
+    )
     output: OutputSection = Field(description="Where the run is written.")
 
     @model_validator(mode="after")
@@ -208,6 +228,13 @@ class Recipe(Section):
             problems.append(("adapter.init", f"{self.adapter.init} initialisation changes the base weights, which a 4-bit base cannot store; use loftq or default"))
         if self.adapter.init == "loftq" and not self.quantization.load_in_4bit:
             problems.append(("adapter.init", "loftq initialisation is for quantized bases: set quantization.load_in_4bit"))
+        dist = self.distributed
+        if dist.num_machines > 1 and not dist.main_process_ip:
+            problems.append(("distributed.main_process_ip", "a multi-machine run needs the address of the rank-0 machine"))
+        if dist.machine_rank >= dist.num_machines:
+            problems.append(("distributed.machine_rank", f"must be below num_machines ({dist.num_machines})"))
+        if dist.backend == "deepspeed" and self.quantization.load_in_4bit and dist.zero_stage == 3:
+            problems.append(("distributed.zero_stage", "ZeRO-3 cannot shard a 4-bit bitsandbytes model; use zero_stage: 2 or backend: fsdp"))
         if problems:
             raise CrossFieldError(problems)
         return self

@@ -22,7 +22,7 @@ from ftune import models
 from ftune.data.chat import IGNORE
 from ftune.errors import FtuneError
 from ftune.progress import console
-from ftune.runs import CHECKPOINTS_DIR, atomic_dir, write_json
+from ftune.runs import CHECKPOINTS_DIR, atomic_dir, atomic_file
 
 
 def seed_everything(seed: int) -> None:
@@ -87,12 +87,7 @@ def make_scheduler(training, optimizer, total_steps: int):
 
 
 def causal_lm_parts(model):
-    """(decoder, output head, logit soft-cap) of a causal LM, peft-wrapped or not.
-
-    Calling the decoder and the head separately lets the loss compute logits only where
-    a label is, which on a small-vocabulary-heavy model like SmolLM2 (49k vocabulary,
-    576 hidden) skips a third of the forward FLOPs on prompt tokens.
-    """
+    """(decoder, output head, logit soft-cap) of a causal LM, peft-wrapped or not."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = getattr(inner, inner.base_model_prefix, None)
     head = inner.get_output_embeddings()
@@ -101,32 +96,33 @@ def causal_lm_parts(model):
     return decoder, head, getattr(inner.config, "final_logit_softcapping", None)
 
 
-def hidden_states(decoder, batch: dict) -> torch.Tensor:
-    out = decoder(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-        attention_mask=batch.get("attention_mask"), use_cache=False,
-    )
-    return out.last_hidden_state
+class TokenLogProbs(torch.nn.Module):
+    """Log-probability of every target token, with logits computed only where a target is.
+
+    Calling the decoder and the head separately skips the output projection on prompt and
+    padding positions: on SmolLM2 (49k vocabulary, 576 hidden) that head is a third of the
+    forward FLOPs. This module is also what DDP and FSDP wrap, so every forward and
+    backward goes through them.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, targets, attention_mask=None):
+        decoder, head, softcap = causal_lm_parts(self.model)
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        keep = targets != IGNORE
+        logits = head(hidden[keep]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return -F.cross_entropy(logits, targets[keep], reduction="none")
 
 
-def token_logits(head, hidden: torch.Tensor, softcap) -> torch.Tensor:
-    logits = head(hidden).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
-
-
-def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+def sft_loss_sum(scorer, batch: dict) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled positions, and their count."""
-    decoder, head, softcap = causal_lm_parts(model)
-    hidden = hidden_states(decoder, batch)
-    targets = batch["targets"]
-    keep = targets != IGNORE
-    count = int(keep.sum())
-    if count == 0:
-        return hidden.sum() * 0.0, 0
-    logits = token_logits(head, hidden[keep], softcap)
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), count
+    token_logps = scorer(**batch)
+    return -token_logps.sum(), token_logps.numel()
 
 
 def move(batch: dict, device) -> dict:
@@ -140,11 +136,32 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, position: dict, keep: int) -> Path:
-    from safetensors.torch import save_file
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, position: dict, keep: int, ctx=None) -> Path:
+    """The main process writes the checkpoint; every other process adds its own RNG state to it."""
+    from safetensors.torch import save
 
     root = run_dir / CHECKPOINTS_DIR
     final = root / f"step-{step:06d}"
+    if ctx is not None and ctx.world > 1:
+        ctx.barrier()
+        if ctx.is_main:
+            _write_checkpoint(final, step, model, optimizer, scheduler, position)
+        ctx.barrier()
+        if not ctx.is_main:
+            with atomic_file(final / f"rng-rank{ctx.rank}.safetensors", "wb") as handle:
+                handle.write(save({"torch": torch.get_rng_state()}))
+        ctx.barrier()
+    else:
+        _write_checkpoint(final, step, model, optimizer, scheduler, position)
+    if ctx is None or ctx.is_main:
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(final: Path, step: int, model, optimizer, scheduler, position: dict) -> None:
+    from safetensors.torch import save_file
+
     with atomic_dir(final, overwrite=True) as tmp:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         tensors, layout = _flatten_optimizer(optimizer.state_dict())
@@ -163,9 +180,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, posit
             "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         }
         (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -173,7 +187,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
     """Restore weights, optimizer, scheduler and RNGs; return the saved state (step, position)."""
     from safetensors.torch import load_file
 
@@ -188,7 +202,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
             params[name].copy_(value)
     optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer_layout"]))
     scheduler.load_state_dict(state["scheduler"])
-    rng = load_file(path / "rng.safetensors")
+    own = path / f"rng-rank{rank}.safetensors"
+    rng = load_file(own if rank and own.is_file() else path / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available() and "cuda0" in rng:
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])

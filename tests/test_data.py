@@ -252,9 +252,9 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tiny_model_dir, tokenize
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftune.training import sft_loss_sum
+    from ftune.training import TokenLogProbs, sft_loss_sum
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = TokenLogProbs(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")).eval()
     rows = [{"instruction": f"Question {i}: what is {i} + {i}?", "output": f"It is {2 * i}." * (1 + i % 3)} for i in range(6)]
     data = Encoded.from_lists([formatter.encode(convert(r, "alpaca")) for r in rows])
     with torch.no_grad():

@@ -199,6 +199,7 @@ def test_demo_sft_then_dpo_chain_prefers_courteous_answers(tmp_path, demo_sft_ru
     from ftune.data.formats import convert as to_pair
     from ftune.models import load_tokenizer
     from ftune.preference import sequence_logps
+    from ftune.training import TokenLogProbs
 
     tokenizer = load_tokenizer(str(run_dir / "adapter"))
     formatter = make_formatter(tokenizer)
@@ -210,11 +211,12 @@ def test_demo_sft_then_dpo_chain_prefers_courteous_answers(tmp_path, demo_sft_ru
     model = PeftModel.from_pretrained(base, demo_sft_run / "adapter", adapter_name="sft")
     model.load_adapter(run_dir / "adapter", adapter_name="dpo")
     model.eval()
+    scorer = TokenLogProbs(model)
 
     def gap(adapter: str) -> float:
         model.set_adapter(adapter)
         with torch.no_grad():
-            logps, _ = sequence_logps(model, pairs.sequences, [0, 1], max_length=256, pad_id=tokenizer.pad_token_id, device="cpu")
+            logps, _ = sequence_logps(scorer, pairs.sequences, [0, 1], max_length=256, pad_id=tokenizer.pad_token_id, device="cpu")
         return float(logps[0] - logps[1])
 
     assert gap("dpo") > gap("sft") + 1.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ftune.data.formats import Chat, Raw
+from ftune.data.formats import Raw
 from ftune.errors import FtuneError
 
 IGNORE = -100

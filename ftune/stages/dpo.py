@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ftune import models, outputs, training
+from ftune import distributed, models, outputs, training
 from ftune.data.chat import make_formatter
 from ftune.data.pipeline import load_samples
 from ftune.errors import FtuneError
@@ -41,8 +41,12 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
     pref, tc = recipe.preference, recipe.training
     base_dir = recipe_path.parent.resolve()
     run_dir = outputs.output_dir(recipe.output.dir, base_dir, smoke)
-    resume_from = outputs.prepare_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite or smoke)
+    if recipe.distributed.num_processes > 1 and not distributed.is_launched():
+        return outputs.launch_distributed("dpo", recipe, recipe_path, overrides, run_dir, base_dir, smoke=smoke, resume=resume, overwrite=overwrite)
+    ctx = distributed.Context()
+    resume_from = outputs.resume_point(run_dir, recipe, ctx, resume=resume, overwrite=overwrite or smoke)
     training.seed_everything(tc.seed)
+    say = console.print if ctx.is_main else (lambda *a, **k: None)
 
     # The SFT run this continues (if any) fixes the base model and the starting adapter.
     init_adapter, model_path = None, None
@@ -62,29 +66,30 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
     if len(train_set) == 0:
         raise FtuneError("no usable preference pairs", hint="check data.max_length and the rows reported above")
     unit = "examples" if pref.method == "kto" else "pairs"
-    console.print(summary_table("preference data", [
+    say(summary_table("preference data", [
         *[(s["path"], f"{s['used']} rows used of {s['rows']} ({s['format']}), {s['skipped']} skipped") for s in report.sources],
         (f"train / eval {unit}", f"{len(train_set)} / {len(eval_set)}"),
         ("too long", f"{report.truncated} truncated, {report.dropped_too_long} dropped"),
     ]))
     for line in report.skipped:
-        console.print(f"  skipped {line}", highlight=False)
+        say(f"  skipped {line}", highlight=False)
 
     dtype = models.pick_dtype(recipe.base_model.dtype)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = ctx.device
     model = training.build_model(recipe, model_path, dtype, adapter_from=init_adapter)
     if not recipe.quantization.load_in_4bit:
         model.to(device)
     trainable, total = training.count_parameters(model)
-    per_step = tc.batch_size * tc.gradient_accumulation_steps
+    per_step = tc.batch_size * tc.gradient_accumulation_steps * ctx.world
     steps_per_epoch = max(1, len(train_set) // per_step)
     total_steps = SMOKE_STEPS if smoke else tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
     optimizer = training.make_optimizer(tc, model)
     scheduler = training.make_scheduler(tc, optimizer, total_steps)
-    console.print(
+    scorer, optimizer = ctx.accelerator.prepare(training.TokenLogProbs(model), optimizer)
+    say(
         f"{pref.method} (beta {pref.beta}) from {'the SFT run ' + pref.init_from if pref.init_from else recipe.base_model.name}; "
         f"trainable {trainable:,} of {total:,} parameters\nsteps: {total_steps} ({steps_per_epoch} per epoch; "
-        f"{tc.batch_size} {unit} x {tc.gradient_accumulation_steps} accumulation = {per_step} {unit} per step)", highlight=False,
+        f"{tc.batch_size} {unit} x {tc.gradient_accumulation_steps} accumulation x {ctx.world} process(es) = {per_step} {unit} per step)", highlight=False,
     )
 
     # The reference: log-probs of the starting model, computed once and kept with the run.
@@ -93,73 +98,87 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
     if pref.method not in REFERENCE_FREE:
         reference = load_reference(run_dir) if resume_from is not None else None
         if reference is None:
-            reference = {"train": all_logps(model, train_set, **batches), "eval": all_logps(model, eval_set, **batches)}
-            save_reference(run_dir, reference)
+            reference = {"train": all_logps(scorer, train_set, **batches), "eval": all_logps(scorer, eval_set, **batches)}
+            if ctx.is_main:
+                save_reference(run_dir, reference)
 
     step, epoch, batch_index = 0, 0, 0
     if resume_from is not None:
-        state = training.load_checkpoint(resume_from, model, optimizer, scheduler)
+        state = training.load_checkpoint(resume_from, model, optimizer, scheduler, rank=ctx.rank)
         step, epoch, batch_index = state["step"], state["position"]["epoch"], state["position"]["batch"]
-        truncate_metrics(run_dir, step)
-        console.print(f"resumed from {resume_from} at step {step}")
-    outputs.write_run_json(run_dir, recipe, model_path, dtype, status="running", step=step)
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+        if ctx.is_main:
+            truncate_metrics(run_dir, step)
+        say(f"resumed from {resume_from} at step {step}")
+    if ctx.is_main:
+        outputs.write_run_json(run_dir, recipe, model_path, dtype, status="running", step=step)
+        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
 
     # The loop: each micro-batch packs its pairs' chosen and rejected sequences together;
-    # the loss is the mean over every pair in the optimizer step.
-    model.train()
+    # the loss is the mean over every pair in the optimizer step, across processes too
+    # (DDP averages gradients, hence the factor ctx.world).
+    scorer.train()
     started = time.perf_counter()
     pairs_seen = 0
     with training.StopRequest() as stop, Reporter(run_dir, total_steps, start_step=step, report_to=tc.report_to,
-                                                  recipe_dict=json.loads(recipe.model_dump_json())) as reporter:
+                                                  enabled=ctx.is_main, recipe_dict=json.loads(recipe.model_dump_json())) as reporter:
         if step == 0 and tc.eval_steps and len(eval_set):
-            reporter.log(0, evaluate(model, eval_set, reference, pref, **batches))
+            reporter.log(0, evaluate(scorer, eval_set, reference, pref, **batches))
         while step < total_steps:
-            order = epoch_order(len(train_set), tc.batch_size, tc.seed, epoch)
+            order = ctx.shard(epoch_order(len(train_set), tc.batch_size * ctx.world, tc.seed, epoch), tc.batch_size)
             usable = len(order) - len(order) % tc.gradient_accumulation_steps
             while batch_index < usable and step < total_steps:
                 group = order[batch_index: batch_index + tc.gradient_accumulation_steps]
-                n_pairs = sum(len(mb) for mb in group)
+                n_pairs = ctx.sum(sum(len(mb) for mb in group))
                 loss_total, metrics = 0.0, []
                 for pairs in group:
-                    losses, rewards = pair_losses(model, train_set, pairs, reference and reference["train"], pref, **batches)
-                    (losses.sum() / n_pairs).backward()
+                    losses, rewards = pair_losses(scorer, train_set, pairs, reference and reference["train"], pref, **batches)
+                    ctx.accelerator.backward(losses.sum() * (ctx.world / n_pairs))
                     loss_total += float(losses.detach().sum())
                     metrics.append((len(pairs), reward_metrics(rewards)))
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm or float("inf"))
+                grad_norm = ctx.accelerator.clip_grad_norm_(scorer.parameters(), tc.max_grad_norm or float("inf"))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 batch_index += tc.gradient_accumulation_steps
                 pairs_seen += n_pairs
+                loss_total = ctx.sum(loss_total)
+                local = weighted(metrics)
+                local_pairs = sum(count for count, _ in metrics)
+                step_metrics = {k: ctx.sum(v * local_pairs) / n_pairs for k, v in local.items()}
                 if step % tc.logging_steps == 0 or step == total_steps:
                     elapsed = time.perf_counter() - started
                     reporter.log(step, {"loss": loss_total / n_pairs, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                                        **weighted(metrics), "pairs_per_s": pairs_seen / elapsed})
+                                        **step_metrics, "pairs_per_s": pairs_seen / elapsed})
                 if tc.eval_steps and step % tc.eval_steps == 0 and step < total_steps and len(eval_set):
-                    reporter.log(step, evaluate(model, eval_set, reference, pref, **batches))
-                if stop or (tc.save_steps and step % tc.save_steps == 0 and step < total_steps):
-                    path = training.save_checkpoint(run_dir, step, model, optimizer, scheduler, {"epoch": epoch, "batch": batch_index}, tc.save_total_limit)
-                    if stop:
-                        outputs.write_run_json(run_dir, recipe, model_path, dtype, status="interrupted", step=step)
+                    reporter.log(step, evaluate(scorer, eval_set, reference, pref, **batches))
+                stopping = ctx.sum(1 if stop else 0) > 0  # every process stops at the same step
+                if stopping or (tc.save_steps and step % tc.save_steps == 0 and step < total_steps):
+                    path = training.save_checkpoint(run_dir, step, model, optimizer, scheduler, {"epoch": epoch, "batch": batch_index},
+                                                    tc.save_total_limit, ctx=ctx)
+                    if stopping:
+                        if ctx.is_main:
+                            outputs.write_run_json(run_dir, recipe, model_path, dtype, status="interrupted", step=step)
                         raise outputs.Interrupted("dpo", step, path, recipe_path, overrides)
             if step < total_steps:
                 epoch, batch_index = epoch + 1, 0
-        final_eval = evaluate(model, eval_set, reference, pref, **batches) if len(eval_set) else {}
+        final_eval = evaluate(scorer, eval_set, reference, pref, **batches) if len(eval_set) else {}
         if final_eval:
             reporter.log(step, final_eval)
         elapsed = time.perf_counter() - started
 
-    outputs.save_trained(model, tokenizer, formatter, run_dir, recipe)
-    samples = outputs.generate_samples(model, tokenizer, formatter, recipe, device)
-    plot_losses(run_dir, run_dir / "loss.png")
-    summary = {"steps": step, "train_seconds": round(elapsed, 1), f"{unit}_per_s": round(pairs_seen / max(elapsed, 1e-9), 2),
-               "final_train_loss": reporter.last_train.get("loss"), **final_eval}
-    outputs.write_run_card(run_dir, recipe, report, summary, samples)
-    outputs.write_run_json(run_dir, recipe, model_path, dtype, status="completed", step=step, summary=summary)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    console.print(summary_table(f"{pref.method} finished", [(k, str(v)) for k, v in summary.items()] + [("run", str(run_dir))]))
+    if ctx.is_main:
+        model = ctx.accelerator.unwrap_model(scorer).model
+        outputs.save_trained(model, tokenizer, formatter, run_dir, recipe)
+        samples = outputs.generate_samples(model, tokenizer, formatter, recipe, device)
+        plot_losses(run_dir, run_dir / "loss.png")
+        summary = {"steps": step, "processes": ctx.world, "train_seconds": round(elapsed, 1),
+                   f"{unit}_per_s": round(pairs_seen / max(elapsed, 1e-9), 2), "final_train_loss": reporter.last_train.get("loss"), **final_eval}
+        outputs.write_run_card(run_dir, recipe, report, summary, samples)
+        outputs.write_run_json(run_dir, recipe, model_path, dtype, status="completed", step=step, summary=summary)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        console.print(summary_table(f"{pref.method} finished", [(k, str(v)) for k, v in summary.items()] + [("run", str(run_dir))]))
+    ctx.barrier()
     return run_dir
 
 
@@ -188,37 +207,37 @@ def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int
     return [order[b: b + batch_size] for b in range(0, n, batch_size)]
 
 
-def pair_losses(model, data: PairSet, pairs: list[int], reference, pref, *, max_length, pad_id, device, batch_size):
+def pair_losses(scorer, data: PairSet, pairs: list[int], reference, pref, *, max_length, pad_id, device, batch_size):
     sequences = [i for p in pairs for i in (2 * p, 2 * p + 1)]
-    logps, counts = sequence_logps(model, data.sequences, sequences, max_length=max_length, pad_id=pad_id, device=device)
+    logps, counts = sequence_logps(scorer, data.sequences, sequences, max_length=max_length, pad_id=pad_id, device=device)
     ref = reference[sequences].to(device) if reference is not None else None
     labels = torch.from_numpy(data.kto_labels[pairs]).to(device) if data.kto_labels is not None else None
     return preference_loss(pref, logps, counts, ref, labels)
 
 
 @torch.no_grad()
-def all_logps(model, data: PairSet, *, max_length, pad_id, device, batch_size) -> torch.Tensor:
-    model.eval()
+def all_logps(scorer, data: PairSet, *, max_length, pad_id, device, batch_size) -> torch.Tensor:
+    scorer.eval()
     out = torch.zeros(len(data.sequences), dtype=torch.float32)
     for start in range(0, len(data.sequences), 2 * batch_size):
         indices = list(range(start, min(start + 2 * batch_size, len(data.sequences))))
-        logps, _ = sequence_logps(model, data.sequences, indices, max_length=max_length, pad_id=pad_id, device=device)
+        logps, _ = sequence_logps(scorer, data.sequences, indices, max_length=max_length, pad_id=pad_id, device=device)
         out[indices] = logps.float().cpu()
-    model.train()
+    scorer.train()
     return out
 
 
 @torch.no_grad()
-def evaluate(model, data: PairSet, reference, pref, *, max_length, pad_id, device, batch_size) -> dict:
-    """Held-out preference loss, reward accuracy and margin."""
-    model.eval()
+def evaluate(scorer, data: PairSet, reference, pref, *, max_length, pad_id, device, batch_size) -> dict:
+    """Held-out preference loss, reward accuracy and margin (every process evaluates all of it)."""
+    scorer.eval()
     total, parts = 0.0, []
     for pairs in epoch_order(len(data), batch_size, 0, 0):
-        losses, rewards = pair_losses(model, data, pairs, reference and reference["eval"], pref,
+        losses, rewards = pair_losses(scorer, data, pairs, reference and reference["eval"], pref,
                                       max_length=max_length, pad_id=pad_id, device=device, batch_size=batch_size)
         total += float(losses.sum())
         parts.append((len(pairs), reward_metrics(rewards)))
-    model.train()
+    scorer.train()
     return {"eval_loss": total / len(data), **{f"eval_{k}": v for k, v in weighted(parts).items()}}
 
 

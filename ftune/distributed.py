@@ -1,0 +1,150 @@
+"""Runs on several devices or machines, through Hugging Face accelerate.
+
+`ftune sft RECIPE` with `distributed.num_processes > 1` writes an accelerate config
+(DDP, FSDP or DeepSpeed ZeRO, generated from the recipe) into the run directory and
+re-launches itself under `accelerate launch`. Each launched process runs the same stage
+code; the stage asks `Accelerator` for its rank, shards the batches, and only the main
+process logs and writes.
+
+On a machine without GPUs, DDP runs over gloo, one CPU process per rank: what the tests
+use. FSDP and DeepSpeed need GPUs; their configs are generated and checked all the same.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from ftune.errors import FtuneError
+from ftune.runs import atomic_file
+
+LAUNCHED_ENV = "FTUNE_LAUNCHED"
+CONFIG_FILE = "accelerate_config.yaml"
+
+
+def accelerate_config(dist, *, cuda: bool, gradient_accumulation_steps: int, layer_class: str | None = None) -> dict:
+    """The accelerate config file contents for a recipe's distributed section."""
+    config: dict = {
+        "compute_environment": "LOCAL_MACHINE",
+        "debug": False,
+        "mixed_precision": "no",  # ftune loads weights in the recipe's dtype itself
+        "num_processes": dist.num_processes,
+        "num_machines": dist.num_machines,
+        "machine_rank": dist.machine_rank,
+        "main_process_port": dist.main_process_port,
+        "rdzv_backend": "static",
+        "same_network": True,
+        # accelerate's launcher starts one process per rank only for MULTI_GPU; the stage then
+        # asks for gloo over CPU itself when there is no GPU (Accelerator(cpu=True)).
+        "use_cpu": False,
+        "downcast_bf16": "no",
+    }
+    if dist.main_process_ip:
+        config["main_process_ip"] = dist.main_process_ip
+    if dist.backend == "ddp":
+        config["distributed_type"] = "MULTI_GPU"
+    elif dist.backend == "fsdp":
+        config["distributed_type"] = "FSDP"
+        config["fsdp_config"] = {
+            "fsdp_version": 1,
+            "fsdp_sharding_strategy": dist.fsdp_sharding.upper(),
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            # e.g. LlamaDecoderLayer: each decoder layer is one FSDP unit.
+            "fsdp_transformer_layer_cls_to_wrap": layer_class or "",
+            "fsdp_offload_params": dist.fsdp_cpu_offload,
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_backward_prefetch": "BACKWARD_PRE",
+            "fsdp_forward_prefetch": False,
+            # LoRA freezes most parameters: FSDP must keep the original ones to mix frozen and trainable.
+            "fsdp_use_orig_params": True,
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_sync_module_states": True,
+            "fsdp_activation_checkpointing": False,
+        }
+    else:
+        config["distributed_type"] = "DEEPSPEED"
+        offload = "cpu" if dist.zero_offload else "none"
+        config["deepspeed_config"] = {
+            "zero_stage": dist.zero_stage,
+            "gradient_accumulation_steps": gradient_accumulation_steps,
+            "gradient_clipping": 1.0,
+            "offload_optimizer_device": offload,
+            "offload_param_device": offload if dist.zero_stage == 3 else "none",
+            "zero3_init_flag": dist.zero_stage == 3,
+            "zero3_save_16bit_model": dist.zero_stage == 3,
+        }
+    return config
+
+
+def decoder_layer_class(model_path: str, trust_remote_code: bool) -> str | None:
+    """Name of the model's decoder-layer class (what FSDP wraps), read from its config only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        return getattr(model_class, "_no_split_modules", None)[0]
+    except Exception:  # an unusual architecture: accelerate's own default then applies
+        return None
+
+
+def is_launched() -> bool:
+    return os.environ.get(LAUNCHED_ENV) == "1"
+
+
+def launch(stage: str, recipe_path: Path, argv: list[str], run_dir: Path, config: dict) -> int:
+    """Write the accelerate config into the run directory and run the stage under `accelerate launch`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / CONFIG_FILE
+    with atomic_file(config_path) as handle:
+        yaml.safe_dump(config, handle, sort_keys=False)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
+               "-m", "ftune", stage, str(recipe_path), *argv]
+    env = {**os.environ, LAUNCHED_ENV: "1"}
+    try:
+        return subprocess.run(command, env=env).returncode
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        raise FtuneError(f"cannot start accelerate: {exc}") from None
+
+
+class Context:
+    """This process's place in the run: rank, world size, and the accelerate objects."""
+
+    def __init__(self) -> None:
+        import torch
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        self.device = self.accelerator.device
+
+    def sum(self, value: float):
+        """Sum a number over all processes (a no-op alone)."""
+        import torch
+
+        if self.world == 1:
+            return value
+        return float(self.accelerator.reduce(torch.tensor([float(value)], device=self.device), "sum")[0])
+
+    def shard(self, batches: list, batch_size: int) -> list:
+        """This process's part of each global micro-batch (`batch_size` items each).
+
+        A global micro-batch too small to give every process a full share is dropped, so
+        all processes run the same number of steps.
+        """
+        if self.world == 1:
+            return batches
+        lo, hi = self.rank * batch_size, (self.rank + 1) * batch_size
+        return [mb[lo:hi] for mb in batches if len(mb) >= self.world * batch_size]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
