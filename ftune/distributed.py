@@ -126,6 +126,17 @@ class Context:
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
 
+    def loss_scale(self, accumulation_steps: int) -> float:
+        """Factor on a loss already divided by the step's total tokens (or pairs).
+
+        DDP and FSDP average gradients over processes, so the factor is the world size;
+        DeepSpeed also divides every micro-batch loss by its accumulation steps itself.
+        """
+        from accelerate.utils import DistributedType
+
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        return self.world * (accumulation_steps if deepspeed else 1)
+
     def sum(self, value: float):
         """Sum a number over all processes (a no-op alone)."""
         import torch

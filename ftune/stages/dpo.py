@@ -115,7 +115,7 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
 
     # The loop: each micro-batch packs its pairs' chosen and rejected sequences together;
     # the loss is the mean over every pair in the optimizer step, across processes too
-    # (DDP averages gradients, hence the factor ctx.world).
+    # (DDP averages gradients over processes, hence ctx.loss_scale).
     scorer.train()
     started = time.perf_counter()
     pairs_seen = 0
@@ -132,7 +132,7 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
                 loss_total, metrics = 0.0, []
                 for pairs in group:
                     losses, rewards = pair_losses(scorer, train_set, pairs, reference and reference["train"], pref, **batches)
-                    ctx.accelerator.backward(losses.sum() * (ctx.world / n_pairs))
+                    ctx.accelerator.backward(losses.sum() * (ctx.loss_scale(tc.gradient_accumulation_steps) / n_pairs))
                     loss_total += float(losses.detach().sum())
                     metrics.append((len(pairs), reward_metrics(rewards)))
                 grad_norm = ctx.accelerator.clip_grad_norm_(scorer.parameters(), tc.max_grad_norm or float("inf"))

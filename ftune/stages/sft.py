@@ -87,7 +87,7 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
     # The loop. Loss is the mean over every answer token in the optimizer step, however
     # the tokens fall into micro-batches and processes, so neither accumulation nor the
     # number of processes changes the result. Each process takes its share of every
-    # micro-batch's rows; DDP averages gradients, hence the factor ctx.world.
+    # micro-batch's rows; DDP averages gradients, hence ctx.loss_scale.
     scorer.train()
     eval_args = dict(recipe=recipe, pad_id=tokenizer.pad_token_id, device=device)
     started, trained_tokens = time.perf_counter(), 0
@@ -106,7 +106,7 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
                 loss_total = 0.0
                 for batch in group:
                     loss_sum, _ = training.sft_loss_sum(scorer, batch)
-                    ctx.accelerator.backward(loss_sum * (ctx.world / count))
+                    ctx.accelerator.backward(loss_sum * (ctx.loss_scale(tc.gradient_accumulation_steps) / count))
                     loss_total += float(loss_sum.detach())
                 grad_norm = ctx.accelerator.clip_grad_norm_(scorer.parameters(), tc.max_grad_norm or float("inf"))
                 optimizer.step()
