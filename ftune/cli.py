@@ -208,9 +208,23 @@ def inspect(
         print_inspection(result, Console(), samples=samples, gpu_gib=gpu_memory)
 
 
-def main() -> None:  # pragma: no cover - entry point for `python -m ftune`
+def main() -> None:
+    """Entry point: user-caused failures become one clear message and a non-zero exit."""
+    import errno
+
     try:
         app()
     except FtuneError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        typer.echo(f"error: {exc.strerror or 'no space left on device'}{where}; nothing was replaced: "
+                   "finished artifacts are renamed into place only when complete\n  hint: free some space and run the same command again "
+                   "(an interrupted training run resumes from its last checkpoint)", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

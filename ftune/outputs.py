@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,13 +39,31 @@ def output_dir(directory: str, base_dir: Path, smoke: bool) -> Path:
     return path.with_name(path.name + "-smoke") if smoke else path
 
 
-def resume_point(run_dir: Path, recipe, ctx, *, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from, if any. Under `accelerate launch` the launcher has decided already."""
+@dataclass(frozen=True)
+class RunPlan:
+    """What to do with the run directory, decided before anything is written."""
+
+    resume_from: Path | None
+    wipe: bool
+
+
+def plan_for(run_dir: Path, recipe, *, resume: bool, overwrite: bool) -> RunPlan:
+    """Under `accelerate launch` the launcher has decided already: resume if it left a checkpoint."""
     from ftune import distributed
 
     if distributed.is_launched():
-        return training.latest_checkpoint(run_dir)
-    return prepare_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite)
+        return RunPlan(training.latest_checkpoint(run_dir), wipe=False)
+    return plan_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite)
+
+
+def start_run_dir(run_dir: Path, plan: RunPlan) -> None:
+    """Act on the plan once the inputs are known to be good: nothing is touched before."""
+    if plan.wipe:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # A checkpoint being written when the process was killed: never complete, never used.
+    for partial in (run_dir / "checkpoints").glob(".*.partial-*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 class LaunchFailed(FtuneError):
@@ -61,7 +80,7 @@ def launch_distributed(stage: str, recipe, recipe_path: Path, overrides, run_dir
     """Decide fresh run or resume once, then run the stage in `num_processes` processes."""
     from ftune import distributed, models
 
-    prepare_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite or smoke)
+    start_run_dir(run_dir, plan_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite or smoke))
     dist = recipe.distributed
     layer_class = None
     if dist.backend == "fsdp":
@@ -77,15 +96,13 @@ def launch_distributed(stage: str, recipe, recipe_path: Path, overrides, run_dir
     return run_dir
 
 
-def prepare_run_dir(run_dir: Path, recipe, *, resume: bool, overwrite: bool) -> Path | None:
-    """Decide between a fresh run, a resume, and refusing; return the checkpoint to resume from."""
+def plan_run_dir(run_dir: Path, recipe, *, resume: bool, overwrite: bool) -> RunPlan:
+    """Decide between a fresh run, a resume, and refusing. An existing run is never silently replaced."""
     meta = run_dir / RUN_FILE
     status = json.loads(meta.read_text()).get("status") if meta.is_file() else None
     checkpoint = training.latest_checkpoint(run_dir) if run_dir.exists() else None
     if overwrite and not resume:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        return None
+        return RunPlan(None, wipe=True)
     if status == "completed":
         raise FtuneError(f"{run_dir} already holds a completed run", hint="pass --overwrite to replace it, or set output.dir")
     if checkpoint is not None:
@@ -97,13 +114,12 @@ def prepare_run_dir(run_dir: Path, recipe, *, resume: bool, overwrite: bool) -> 
             )
         if not resume:
             console.print(f"found an interrupted run in {run_dir}; resuming from {checkpoint.name}")
-        return checkpoint
+        return RunPlan(checkpoint, wipe=False)
     if resume:
         raise FtuneError(f"nothing to resume in {run_dir}: no checkpoint found")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p for p in run_dir.iterdir() if p.name != "accelerate_config.yaml"):
         raise FtuneError(f"{run_dir} exists and is not an ftune run to resume", hint="pass --overwrite, or set output.dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return None
+    return RunPlan(None, wipe=False)
 
 
 def save_trained(model, tokenizer, formatter, run_dir: Path, recipe) -> None:

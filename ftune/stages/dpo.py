@@ -44,7 +44,8 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
     if recipe.distributed.num_processes > 1 and not distributed.is_launched():
         return outputs.launch_distributed("dpo", recipe, recipe_path, overrides, run_dir, base_dir, smoke=smoke, resume=resume, overwrite=overwrite)
     ctx = distributed.Context()
-    resume_from = outputs.resume_point(run_dir, recipe, ctx, resume=resume, overwrite=overwrite or smoke)
+    plan = outputs.plan_for(run_dir, recipe, resume=resume, overwrite=overwrite or smoke)
+    resume_from = plan.resume_from
     training.seed_everything(tc.seed)
     say = console.print if ctx.is_main else (lambda *a, **k: None)
 
@@ -74,6 +75,9 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
     for line in report.skipped:
         say(f"  skipped {line}", highlight=False)
 
+    if ctx.is_main:
+        outputs.start_run_dir(run_dir, plan)  # the inputs are good: only now is anything written
+    ctx.barrier()
     dtype = models.pick_dtype(recipe.base_model.dtype)
     device = ctx.device
     model = training.build_model(recipe, model_path, dtype, adapter_from=init_adapter)
@@ -190,6 +194,8 @@ def sft_run_inputs(run_dir: Path, recipe) -> tuple[Path, str]:
     adapter = run_dir / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():
         raise FtuneError(f"preference.init_from: {run_dir} has no adapter to continue from (was it full fine-tuning?)")
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise FtuneError(f"preference.init_from: {adapter} has no adapter_model.safetensors; ftune does not load pickle-based weights")
     if recipe.adapter.method == "none":
         raise FtuneError("preference.init_from continues an adapter; adapter.method: none cannot")
     trained_on = meta["base_model"]["name"]

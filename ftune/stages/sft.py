@@ -35,7 +35,8 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
     if recipe.distributed.num_processes > 1 and not distributed.is_launched():
         return outputs.launch_distributed("sft", recipe, recipe_path, overrides, run_dir, base_dir, smoke=smoke, resume=resume, overwrite=overwrite)
     ctx = distributed.Context()
-    resume_from = outputs.resume_point(run_dir, recipe, ctx, resume=resume, overwrite=overwrite or smoke)
+    plan = outputs.plan_for(run_dir, recipe, resume=resume, overwrite=overwrite or smoke)
+    resume_from = plan.resume_from
     training.seed_everything(recipe.training.seed)
     say = console.print if ctx.is_main else (lambda *a, **k: None)
 
@@ -52,6 +53,9 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
         print_data_report(report, train_set, eval_set)
 
     # Model, adapter, optimizer and schedule; accelerate wraps the scorer for DDP/FSDP.
+    if ctx.is_main:
+        outputs.start_run_dir(run_dir, plan)  # the inputs are good: only now is anything written
+    ctx.barrier()
     dtype = models.pick_dtype(recipe.base_model.dtype)
     device = ctx.device
     model = training.build_model(recipe, model_path, dtype)
