@@ -48,16 +48,18 @@ def _read_file(path: Path, raw: bytes) -> list[Row]:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise FtuneError(f"invalid UTF-8 at byte {exc.start}", place=f"{name} line {line}") from None
-    if suffix == ".jsonl" or (suffix != ".csv" and not text.lstrip().startswith("[")):
-        return _read_jsonl(name, text)
     if suffix == ".csv":
         return _read_csv(name, text)
+    if suffix == ".jsonl":
+        return _read_jsonl(name, text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
+        if not text.lstrip().startswith("["):
+            return _read_jsonl(name, text)  # JSON Lines under a .json name, as many datasets ship
         raise FtuneError(f"invalid JSON: {exc.msg}", place=f"{name} line {exc.lineno}, column {exc.colno}") from None
     if not isinstance(data, list):
-        raise FtuneError("a JSON data file must hold a list of rows", place=name)
+        raise FtuneError(f"a JSON data file must hold a list of rows, not a {type(data).__name__}", place=name)
     return [Row(item, f"{name} row {i}") for i, item in enumerate(data)]
 
 

@@ -75,14 +75,14 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
     for line in report.skipped:
         say(f"  skipped {line}", highlight=False)
 
-    if ctx.is_main:
-        outputs.start_run_dir(run_dir, plan)  # the inputs are good: only now is anything written
-    ctx.barrier()
     dtype = models.pick_dtype(recipe.base_model.dtype)
     device = ctx.device
     model = training.build_model(recipe, model_path, dtype, adapter_from=init_adapter)
     if not recipe.quantization.load_in_4bit:
         model.to(device)
+    if ctx.is_main:
+        outputs.start_run_dir(run_dir, plan)  # data and model are good: only now is anything written
+    ctx.barrier()
     trainable, total = training.count_parameters(model)
     per_step = tc.batch_size * tc.gradient_accumulation_steps * ctx.world
     steps_per_epoch = max(1, len(train_set) // per_step)
@@ -191,19 +191,19 @@ def sft_run_inputs(run_dir: Path, recipe) -> tuple[Path, str]:
     meta = read_run(run_dir)
     if meta.get("status") != "completed":
         raise FtuneError(f"preference.init_from: {run_dir} is not a completed run (status: {meta.get('status')})")
-    adapter = run_dir / ADAPTER_DIR
-    if not (adapter / "adapter_config.json").is_file():
-        raise FtuneError(f"preference.init_from: {run_dir} has no adapter to continue from (was it full fine-tuning?)")
-    if not (adapter / "adapter_model.safetensors").is_file():
-        raise FtuneError(f"preference.init_from: {adapter} has no adapter_model.safetensors; ftune does not load pickle-based weights")
-    if recipe.adapter.method == "none":
-        raise FtuneError("preference.init_from continues an adapter; adapter.method: none cannot")
     trained_on = meta["base_model"]["name"]
     if trained_on != recipe.base_model.name:
         raise FtuneError(
             f"preference.init_from: {run_dir} was trained on '{trained_on}', but this recipe names base_model '{recipe.base_model.name}'",
             hint=f"set base_model.name: {trained_on}",
         )
+    if recipe.adapter.method == "none":
+        raise FtuneError("preference.init_from continues an adapter; adapter.method: none cannot")
+    adapter = run_dir / ADAPTER_DIR
+    if not (adapter / "adapter_config.json").is_file():
+        raise FtuneError(f"preference.init_from: {run_dir} has no adapter to continue from (was it full fine-tuning?)")
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise FtuneError(f"preference.init_from: {adapter} has no adapter_model.safetensors; ftune does not load pickle-based weights")
     return adapter, meta["base_model"]["path"]
 
 

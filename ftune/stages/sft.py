@@ -53,14 +53,14 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
         print_data_report(report, train_set, eval_set)
 
     # Model, adapter, optimizer and schedule; accelerate wraps the scorer for DDP/FSDP.
-    if ctx.is_main:
-        outputs.start_run_dir(run_dir, plan)  # the inputs are good: only now is anything written
-    ctx.barrier()
     dtype = models.pick_dtype(recipe.base_model.dtype)
     device = ctx.device
     model = training.build_model(recipe, model_path, dtype)
     if not recipe.quantization.load_in_4bit:
         model.to(device)
+    if ctx.is_main:
+        outputs.start_run_dir(run_dir, plan)  # data and model are good: only now is anything written
+    ctx.barrier()
     trainable, total = training.count_parameters(model)
     tc = recipe.training
     steps_per_epoch, total_steps = count_steps(recipe, train_set, smoke=smoke, world=ctx.world)
