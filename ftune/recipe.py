@@ -217,9 +217,9 @@ class Recipe(Section):
             bad = formats - pref_formats - {"auto"}
             if bad:
                 problems.append(("data.train", f"stage: dpo needs preference data, not {', '.join(sorted(bad))}"))
+            # Paired preferences also train KTO (each pair gives a desirable and an undesirable
+            # example); unpaired KTO rows cannot train the pairwise methods.
             method = self.preference.method if self.preference else "dpo"
-            if method == "kto" and "preference" in formats:
-                pass  # paired preferences are unpaired into desirable/undesirable examples for KTO
             if method != "kto" and "kto" in formats:
                 problems.append(("data.train", f"kto data (unpaired, labelled) only trains preference.method: kto, not {method}"))
         if self.training.eval_steps and not self.data.eval and self.data.eval_fraction == 0:
@@ -289,7 +289,7 @@ def parse_recipe(text: str, source: str, overrides: list[str] = ()) -> Recipe:
         # A misspelled required key shows up twice (unknown + missing): keep the "did you mean".
         suggested = {(*e["loc"][:-1], _suggest_key(e["loc"])) for e in errors if e["type"] == "extra_forbidden"}
         errors = [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in suggested)]
-        problems = [_describe(err, marks, override_paths, data) for err in errors]
+        problems = [_describe(err, marks, override_paths) for err in errors]
         raise RecipeError(sorted(dict.fromkeys(problems), key=_line_order), source) from None
 
 
@@ -336,22 +336,20 @@ def _apply_override(data: dict, item: str) -> tuple[tuple[str, ...], Any]:
     return parts, value
 
 
-def _key_marks(root: yaml.Node | None) -> dict[tuple, tuple[int, int, int, int]]:
-    """Map each key path to (key line, key column, value line, value column), 1-based."""
-    marks: dict[tuple, tuple[int, int, int, int]] = {}
+def _key_marks(root: yaml.Node | None) -> dict[tuple, tuple[int, int]]:
+    """Map each key path (and list index) to the line and column where it starts, 1-based."""
+    marks: dict[tuple, tuple[int, int]] = {}
 
     def walk(node: yaml.Node, path: tuple) -> None:
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 sub = (*path, key_node.value)
-                km, vm = key_node.start_mark, value_node.start_mark
-                marks[sub] = (km.line + 1, km.column + 1, vm.line + 1, vm.column + 1)
+                marks[sub] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
                 walk(value_node, sub)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 sub = (*path, i)
-                m = item.start_mark
-                marks[sub] = (m.line + 1, m.column + 1, m.line + 1, m.column + 1)
+                marks[sub] = (item.start_mark.line + 1, item.start_mark.column + 1)
                 walk(item, sub)
 
     if root is not None:
@@ -359,7 +357,7 @@ def _key_marks(root: yaml.Node | None) -> dict[tuple, tuple[int, int, int, int]]
     return marks
 
 
-def _describe(err: dict, marks: dict, override_paths: dict, data: dict) -> str:
+def _describe(err: dict, marks: dict, override_paths: dict) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("literal[", "list[", "function-"))))
     kind = err["type"]
     ctx = err.get("ctx") or {}
@@ -396,10 +394,8 @@ def _place(loc: tuple, marks: dict, override_paths: dict) -> str:
         if as_strings in override_paths:
             return f"--set {override_paths[as_strings]}: "
         if prefix in marks:
-            line, col, vline, vcol = marks[prefix]
-            if n == len(loc):
-                return f"line {line}, column {col}: "
-            return f"line {line}, column {col}: "
+            line, column = marks[prefix][:2]
+            return f"line {line}, column {column}: "
     return "line 1: "
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ftune.data.chat import IGNORE, Formatter, audit_labels
-from ftune.data.formats import BadRow, Chat, Raw, convert, detect_format, rename_columns
+from ftune.data.formats import BadRow, convert, detect_format, rename_columns
 from ftune.data.packing import Encoded
 from ftune.data.sources import read_source
 from ftune.errors import FtuneError
@@ -187,6 +187,3 @@ def _write_cache(root: Path, key: str, train: Encoded, evaluation: Encoded, repo
     with atomic_file(root / f"{key}.json") as handle:
         json.dump(saved, handle)
 
-
-def sample_kind(sample) -> str:
-    return "chat" if isinstance(sample, Chat) else "raw" if isinstance(sample, Raw) else "preference"
