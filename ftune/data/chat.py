@@ -69,8 +69,26 @@ class Formatter:
         `last_turn_only` labels just the final answer: preference pairs compare that answer,
         not the earlier turns of the dialogue they share.
         """
-        if isinstance(sample, Raw):
-            return self._encode_raw(sample)
+        return self.encode_many([sample], last_turn_only=last_turn_only)[0]
+
+    def encode_many(self, samples: list, *, last_turn_only: bool = False) -> list[tuple[list[int], list[int]]]:
+        """`encode` for many samples, with the chat texts tokenized in one batched call."""
+        results: list = [None] * len(samples)
+        chats = []  # (index, text, answer spans)
+        for index, sample in enumerate(samples):
+            if isinstance(sample, Raw):
+                results[index] = self._encode_raw(sample)
+            else:
+                text, spans = self._render_with_spans(sample, last_turn_only)
+                chats.append((index, text, spans))
+        if chats:
+            encoded = self.tokenizer([text for _, text, _ in chats], add_special_tokens=False, return_offsets_mapping=True)
+            for (index, _, spans), ids, offsets in zip(chats, encoded["input_ids"], encoded["offset_mapping"]):
+                results[index] = self._label(list(ids), offsets, spans, last_turn_only)
+        return results
+
+    def _render_with_spans(self, sample, last_turn_only: bool) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and, per assistant answer, the characters from its start to its end-of-turn."""
         messages = self.with_system(sample.messages)
         text = self.render(messages)
         spans = []
@@ -78,15 +96,13 @@ class Formatter:
             if message["role"] != "assistant":
                 continue
             start = len(self.render(messages[:i], add_generation_prompt=True))
-            upto = self.render(messages[: i + 1])
-            end = upto.find(self.end_of_turn, start)
+            end = self.render(messages[: i + 1]).find(self.end_of_turn, start)
             if end < 0:
                 raise FtuneError(f"the chat template emits no '{self.end_of_turn}' after an assistant turn")
             spans.append((start, end + len(self.end_of_turn)))
-        if last_turn_only:
-            spans = spans[-1:]
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+        return text, spans[-1:] if last_turn_only else spans
+
+    def _label(self, ids: list[int], offsets, spans, last_turn_only: bool) -> tuple[list[int], list[int]]:
         if self.train_on_all and not last_turn_only:
             labels = list(ids)
         else:

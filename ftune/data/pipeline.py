@@ -112,8 +112,7 @@ def _load_split(sources, section, base_dir, seed, allowed, report: DataReport, f
 def encode_split(formatter: Formatter, loaded: Loaded, section, report: DataReport) -> Encoded:
     """Tokenize and label samples, applying the recipe's too-long rule; drops samples with no loss."""
     kept: list[tuple[list[int], list[int]]] = []
-    for sample, place in zip(loaded.samples, loaded.places):
-        ids, labels = formatter.encode(sample)
+    for ids, labels in formatter.encode_many(loaded.samples):
         if len(ids) > section.max_length:
             if section.too_long == "drop":
                 report.dropped_too_long += 1
