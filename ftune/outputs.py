@@ -167,11 +167,15 @@ def generate_samples(model, tokenizer, formatter, recipe, device) -> list[tuple[
 
 
 def write_eval_prompts(run_dir: Path, tokenizer, eval_set, limit: int = 8) -> None:
-    """A few held-out samples as text, for merge and export parity checks."""
+    """A few held-out prompts as text (up to where the first answer starts), for merge and
+    export parity checks: their logits are compared, and greedy continuations are answers."""
+    from ftune.data.chat import IGNORE
+
     with atomic_file(run_dir / "eval_prompts.jsonl") as handle:
         for i in range(min(limit, len(eval_set))):
-            ids, _ = eval_set.sample(i)
-            handle.write(json.dumps({"text": tokenizer.decode(ids.tolist())}) + "\n")
+            ids, labels = eval_set.sample(i)
+            first = next((t for t, label in enumerate(labels) if label != IGNORE), len(ids))
+            handle.write(json.dumps({"text": tokenizer.decode(ids[:first].tolist())}) + "\n")
 
 
 def write_run_json(run_dir: Path, recipe, model_path: str, dtype, *, status: str, step: int, summary: dict | None = None) -> None:
