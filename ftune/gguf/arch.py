@@ -8,8 +8,8 @@ differently from transformers:
   ("rotate_half"). llama.cpp's llama graph rotates neighbours (2i, 2i+1), so q_proj and
   k_proj rows are reordered per head to pair the same numbers. Qwen, Gemma and Phi-3 run
   with llama.cpp's NEOX rope, which already pairs like transformers.
-- Gemma keeps RMSNorm weights as (w - 1) and multiplies by (1 + w); llama.cpp multiplies by
-  w, so 1 is added once here.
+- Gemma (1, 2, 3) keeps RMSNorm weights as (w - 1) and multiplies by (1 + w); llama.cpp
+  multiplies by w, so 1 is added once here.
 - Phi-3 keeps q, k, v in one matrix and gate, up in one: llama.cpp's phi3 graph reads both
   fused, so they pass through unchanged.
 
@@ -56,6 +56,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("Qwen2ForCausalLM", "qwen2", False, 0.0, _SILU, ("default", "linear", "yarn")),
         Architecture("Qwen3ForCausalLM", "qwen3", False, 0.0, _SILU, ("default", "linear", "yarn")),
         Architecture("GemmaForCausalLM", "gemma", False, 1.0, ("gelu_pytorch_tanh", "gelu"), ("default",)),
+        Architecture("Gemma2ForCausalLM", "gemma2", False, 1.0, ("gelu_pytorch_tanh",), ("default",)),
+        Architecture("Gemma3ForCausalLM", "gemma3", False, 1.0, ("gelu_pytorch_tanh",), ("default",)),
         Architecture("Phi3ForCausalLM", "phi3", False, 0.0, _SILU, ("default", "longrope")),
     ]
 }
@@ -85,7 +87,8 @@ def _family(arch: Architecture) -> str:
 
 def check_config(arch: Architecture, config: Any, place: str) -> None:
     """Refuse configs whose forward pass llama.cpp's graph for `arch` would not reproduce."""
-    act = getattr(config, "hidden_act", None)
+    # Gemma 2 and 3 name their MLP activation hidden_activation (hidden_act is a leftover).
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
     if act not in arch.activations:
         raise FtuneError(
             f"{arch.hf_class} with hidden_act '{act}': llama.cpp's {arch.gguf_arch} graph computes {arch.activations[0]}",
@@ -98,8 +101,16 @@ def check_config(arch: Architecture, config: Any, place: str) -> None:
             place=place,
             hint="supported rope types for this architecture: " + ", ".join(arch.rope_types),
         )
-    if arch.gguf_arch == "gemma" and getattr(config, "num_key_value_heads", None) is None:
-        raise FtuneError("Gemma config without num_key_value_heads", place=place)
+    if arch.gguf_arch in ("gemma2", "gemma3"):
+        # llama.cpp scales attention by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B
+        # layouts it recognises by layer count; transformers by 1/sqrt(query_pre_attn_scalar).
+        big = config.num_hidden_layers == {"gemma2": 46, "gemma3": 62}[arch.gguf_arch]
+        llama_cpp_scalar = config.hidden_size // config.num_attention_heads if big else head_dim(config)
+        if getattr(config, "query_pre_attn_scalar", llama_cpp_scalar) != llama_cpp_scalar:
+            raise FtuneError(
+                f"query_pre_attn_scalar {config.query_pre_attn_scalar}: llama.cpp's {arch.gguf_arch} graph scales attention by {llama_cpp_scalar}",
+                place=place,
+            )
 
 
 def rope_parameters(config: Any) -> dict:
@@ -170,6 +181,20 @@ def write_hparams(writer: GGUFWriter, arch: Architecture, config: Any, n_vocab: 
         writer.add_rope_scaling_attn_factors(_longrope_attention_factor(config, rope))
     # llama3 rope scaling has no keys: it is a per-frequency factor tensor (extra_tensors).
 
+    if arch.gguf_arch in ("gemma2", "gemma3"):
+        # Local (sliding-window) layers may rotate with their own base; which layers are local
+        # is written out per layer rather than left to llama.cpp's default pattern.
+        writer.add_sliding_window(config.sliding_window)
+        if getattr(config, "layer_types", None):
+            writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config.layer_types])
+        local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {})
+        if local.get("rope_theta") is not None:
+            writer.add_rope_freq_base_swa(local["rope_theta"])
+        if getattr(config, "attn_logit_softcapping", None):
+            writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        if getattr(config, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+
     if arch.gguf_arch == "phi3":
         original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
         writer.add_rope_scaling_orig_ctx_len(original or config.max_position_embeddings)
@@ -226,16 +251,20 @@ def _llama3_rope_factors(rope: dict, dims: int) -> np.ndarray:
     return divisor.astype(np.float32)
 
 
-def gguf_tensor_name(arch: Architecture, config: Any, hf_name: str) -> str | None:
-    """llama.cpp's name for a transformers tensor; None for tensors it does not use."""
+def tensor_name_map(arch: Architecture, config: Any) -> Any:
+    """gguf's transformers-to-llama.cpp name table for this architecture (slow to build: once per export)."""
     import gguf
 
+    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf_arch)
+    return gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
+
+
+def gguf_tensor_name(arch: Architecture, config: Any, name_map: Any, hf_name: str) -> str | None:
+    """llama.cpp's name for a transformers tensor; None for tensors it does not use."""
     if hf_name.endswith(SKIPPED_SUFFIXES):
         return None
     if hf_name == "lm_head.weight" and _tied(config):
         return None  # llama.cpp reuses token_embd as the output projection
-    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf_arch)
-    name_map = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
     mapped = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if mapped is None:
         raise FtuneError(

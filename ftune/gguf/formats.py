@@ -49,60 +49,64 @@ class OutputType:
     tolerance: Tolerance
 
 
-# Tolerances were measured on the demo model (SmolLM2-135M, the smallest and so the most
-# sensitive to rounding) over the parity prompts, with headroom: a 135M model at q4_k_m agrees
-# on about 85% of next tokens, larger models agree more.
-_EXACT = Tolerance(top1_min=1.0, kl_max=1e-4, greedy_identical=True)
+# Tolerances separate a broken file from honest rounding. Measured on the demo model
+# (SmolLM2-135M: small models are the most sensitive to rounding) over the parity prompts,
+# top-1 agreement / mean KL: f16 100% / 1e-5, q8_0 96% / 6e-3, q4_k_m 91% / 0.08, q2_k 67% /
+# 0.63. The same model with q/k rows left in transformers' rope order measures 50% / 1.2: every
+# limit below fails it. Larger models agree more at every type.
+# Even f32 is not bit-exact: llama.cpp keeps its KV cache in f16 by default, so a near tie
+# between two next tokens can flip; greedy continuations from chat prompts must still agree.
+_EXACT = Tolerance(top1_min=0.98, kl_max=1e-4, greedy_identical=True)
 _HALF = Tolerance(top1_min=0.97, kl_max=2e-3, greedy_identical=True)
 
 TYPES: dict[str, OutputType] = {
     t.name: t
     for t in [
-        OutputType("f32", 32, "python", "F32", "ALL_F32", "lossless, 4 bytes/weight; for debugging or your own quantizing", _EXACT),
-        OutputType("f16", 16, "python", "F16", "MOSTLY_F16", "practically lossless, 2 bytes/weight; the master copy to quantize from", _HALF),
+        OutputType("f32", 32, "python", "F32", "ALL_F32", "lossless; for debugging", _EXACT),
+        OutputType("f16", 16, "python", "F16", "MOSTLY_F16", "practically lossless; the master copy to quantize from", _HALF),
         OutputType(
-            "bf16", 16, "python", "BF16", "MOSTLY_BF16", "lossless for bf16-trained models, 2 bytes/weight; slower than f16 on many CPUs",
-            Tolerance(top1_min=0.95, kl_max=5e-3, greedy_identical=False),
+            "bf16", 16, "python", "BF16", "MOSTLY_BF16", "lossless for bf16-trained models; slower than f16 on many CPUs",
+            Tolerance(top1_min=0.95, kl_max=1e-2, greedy_identical=False),
         ),
         OutputType(
-            "q8_0", 8.5, "python", "Q8_0", "MOSTLY_Q8_0", "near-lossless at half of f16; the safe choice when size is no concern",
-            Tolerance(top1_min=0.93, kl_max=1e-2, greedy_identical=False),
+            "q8_0", 8.5, "python", "Q8_0", "MOSTLY_Q8_0", "near-lossless at half the size of f16",
+            Tolerance(top1_min=0.90, kl_max=0.03, greedy_identical=False),
         ),
         OutputType(
             "q6_k", 6.6, "llama.cpp", "Q6_K", "MOSTLY_Q6_K", "close to q8_0, 20% smaller",
-            Tolerance(top1_min=0.90, kl_max=3e-2, greedy_identical=False),
+            Tolerance(top1_min=0.85, kl_max=0.1, greedy_identical=False),
         ),
         OutputType(
-            "q5_k_m", 5.7, "llama.cpp", "Q5_K", "MOSTLY_Q5_K_M", "RECOMMENDED when it fits: very close to f16 at about a third of its size",
-            Tolerance(top1_min=0.85, kl_max=6e-2, greedy_identical=False),
+            "q5_k_m", 5.7, "llama.cpp", "Q5_K", "MOSTLY_Q5_K_M", "PICK THIS if it fits: very close to f16 at a third of its size",
+            Tolerance(top1_min=0.80, kl_max=0.3, greedy_identical=False),
         ),
         OutputType(
-            "q4_k_m", 4.9, "llama.cpp", "Q4_K", "MOSTLY_Q4_K_M", "RECOMMENDED default for Ollama / LM Studio: small loss, a quarter of f16 weights' size",
-            Tolerance(top1_min=0.75, kl_max=0.15, greedy_identical=False),
+            "q4_k_m", 4.9, "llama.cpp", "Q4_K", "MOSTLY_Q4_K_M", "PICK THIS otherwise: small loss; the usual Ollama / LM Studio file",
+            Tolerance(top1_min=0.80, kl_max=0.3, greedy_identical=False),
         ),
         OutputType(
-            "q3_k_m", 3.9, "llama.cpp", "Q3_K", "MOSTLY_Q3_K_M", "noticeable quality loss; only when q4_k_m does not fit",
-            Tolerance(top1_min=0.60, kl_max=0.40, greedy_identical=False),
+            "q3_k_m", 3.9, "llama.cpp", "Q3_K", "MOSTLY_Q3_K_M", "noticeable loss; only when q4_k_m does not fit",
+            Tolerance(top1_min=0.65, kl_max=0.6, greedy_identical=False),
         ),
         OutputType(
-            "q2_k", 3.4, "llama.cpp", "Q2_K", "MOSTLY_Q2_K", "large quality loss; a last resort for big models on small machines",
-            Tolerance(top1_min=0.40, kl_max=1.0, greedy_identical=False),
+            "q2_k", 3.4, "llama.cpp", "Q2_K", "MOSTLY_Q2_K", "large loss; a last resort",
+            Tolerance(top1_min=0.55, kl_max=0.9, greedy_identical=False),
         ),
         OutputType(
             "q5_1", 6.0, "python", "Q5_1", "MOSTLY_Q5_1", "legacy block format; prefer q5_k_m",
-            Tolerance(top1_min=0.85, kl_max=6e-2, greedy_identical=False),
+            Tolerance(top1_min=0.70, kl_max=0.4, greedy_identical=False),
         ),
         OutputType(
             "q5_0", 5.5, "python", "Q5_0", "MOSTLY_Q5_0", "legacy block format; prefer q5_k_m",
-            Tolerance(top1_min=0.85, kl_max=8e-2, greedy_identical=False),
+            Tolerance(top1_min=0.80, kl_max=0.3, greedy_identical=False),
         ),
         OutputType(
             "q4_1", 5.0, "python", "Q4_1", "MOSTLY_Q4_1", "legacy block format; prefer q4_k_m",
-            Tolerance(top1_min=0.70, kl_max=0.25, greedy_identical=False),
+            Tolerance(top1_min=0.70, kl_max=0.5, greedy_identical=False),
         ),
         OutputType(
             "q4_0", 4.5, "python", "Q4_0", "MOSTLY_Q4_0", "legacy block format; prefer q4_k_m",
-            Tolerance(top1_min=0.65, kl_max=0.30, greedy_identical=False),
+            Tolerance(top1_min=0.60, kl_max=0.8, greedy_identical=False),
         ),
     ]
 }
@@ -128,5 +132,5 @@ def types_help() -> str:
     lines = []
     for t in TYPES.values():
         needs = "  [llama-cpp-python]" if t.made_by == "llama.cpp" else ""
-        lines.append(f"{t.name:<7} ~{t.bits:>4g} bits/weight  {t.advice}{needs}")
+        lines.append(f"{t.name:<7} {t.bits:>4g} bits/weight  {t.advice}{needs}")
     return "\n".join(lines)
