@@ -39,6 +39,16 @@ def output_dir(directory: str, base_dir: Path, smoke: bool) -> Path:
     return path.with_name(path.name + "-smoke") if smoke else path
 
 
+INITIAL_ADAPTER_DIR = "initial_adapter"
+
+
+def save_initial_adapter(model, run_dir: Path, recipe) -> None:
+    """Keep a PiSSA/OLoRA adapter as initialised: saving the trained one needs it (see save_trained)."""
+    if recipe.adapter.init in ("pissa", "olora") and not (run_dir / INITIAL_ADAPTER_DIR).is_dir():
+        with atomic_dir(run_dir / INITIAL_ADAPTER_DIR) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """What to do with the run directory, decided before anything is written."""
@@ -125,8 +135,12 @@ def plan_run_dir(run_dir: Path, recipe, *, resume: bool, overwrite: bool) -> Run
 def save_trained(model, tokenizer, formatter, run_dir: Path, recipe) -> None:
     """The adapter (or full model) with the tokenizer; generation stops at the end-of-turn token."""
     target = run_dir / (MODEL_DIR if recipe.adapter.method == "none" else ADAPTER_DIR)
+    # PiSSA and OLoRA change the base weights at initialisation; saved against the initial
+    # adapter, the result is a plain LoRA that works on the original base.
+    initial = run_dir / INITIAL_ADAPTER_DIR
+    conversion = {"path_initial_model_for_weight_conversion": str(initial)} if initial.is_dir() else {}
     with atomic_dir(target, overwrite=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **conversion)
         tokenizer.save_pretrained(tmp)
         generation = generation_config(model, tokenizer, formatter)
         generation.save_pretrained(tmp)

@@ -116,6 +116,19 @@ def test_adapter_variants_train(tmp_path, tiny_model_dir, name, extra):
         assert json.loads((run_dir / "run.json").read_text())["quantization"]["load_in_4bit"] is True
 
 
+def test_pissa_adapter_is_saved_as_a_plain_lora_for_the_original_base(tmp_path, tiny_model_dir):
+    from ftune.merge import merge_to_dir
+
+    recipe = make_recipe(tmp_path, tiny_model_dir)
+    recipe.write_text(recipe.read_text().replace("adapter: {r: 8, alpha: 16}", "adapter: {r: 8, alpha: 16, init: pissa}"))
+    run_dir = sft.run(recipe)
+    config = json.loads((run_dir / "adapter/adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True and config["r"] == 16, "converted: twice the rank, standard init"
+    # The merge proves the saved adapter, applied to the untouched base, gives the trained model's logits.
+    report = merge_to_dir(run_dir, tmp_path / "merged")
+    assert report["passed"]
+
+
 def interrupt_at(monkeypatch, step: int) -> None:
     """Send the process a real SIGINT when the loop logs `step`."""
     from ftune import progress

@@ -60,6 +60,7 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
         model.to(device)
     if ctx.is_main:
         outputs.start_run_dir(run_dir, plan)  # data and model are good: only now is anything written
+        outputs.save_initial_adapter(model, run_dir, recipe)
     ctx.barrier()
     trainable, total = training.count_parameters(model)
     tc = recipe.training
