@@ -208,6 +208,85 @@ def inspect(
         print_inspection(result, Console(), samples=samples, gpu_gib=gpu_memory)
 
 
+ModelsArg = Annotated[list[str], typer.Argument(
+    help="Models: a run directory, adapter directory, merged or other model directory, hub id, 'demo', or a .gguf file.",
+    show_default=False)]
+PromptOpt = Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt to answer (repeatable).", show_default=False)]
+PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="A file of prompts: one per line, or JSON lines with 'prompt'.", show_default=False)]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the most likely tokens up to this probability.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.", show_default=False)]
+
+
+@app.command("eval")
+def eval_(
+    models: ModelsArg,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Score on this recipe's held-out data, split as `ftune sft` splits it.", show_default=False)] = None,
+    set_: SetOpt = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Score on every row of this data file (any format recipes read).", show_default=False)] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="With --data: truncate samples to this many tokens.")] = 2048,
+    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Score only the first N samples.", show_default=False)] = None,
+    prompt: PromptOpt = None,
+    prompts: PromptsOpt = None,
+    max_new_tokens: MaxNewOpt = 64,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
+    lm_eval_tasks: Annotated[Optional[str], typer.Option("--lm-eval-tasks", help="Comma-separated lm-evaluation-harness tasks (needs lm-eval installed).", show_default=False)] = None,
+    lm_eval_limit: Annotated[Optional[int], typer.Option("--lm-eval-limit", help="Examples per lm-eval task.", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the results as JSON here.", show_default=False)] = None,
+) -> None:
+    """Held-out loss and perplexity of models on the same tokens, and their answers side by side."""
+    from rich.console import Console
+
+    from ftune.chat import Sampling, read_prompts
+    from ftune.evaluate import print_results, run_eval
+
+    try:
+        questions = list(prompt or []) + (read_prompts(prompts) if prompts else [])
+        tasks = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
+        results = run_eval(
+            models, recipe_path=recipe, overrides=set_ or [], data=data, max_length=max_length, max_samples=max_samples,
+            prompts=questions, sampling=Sampling(max_new_tokens, temperature, top_p, seed),
+            lm_eval_tasks=tasks, lm_eval_limit=lm_eval_limit, out=out, say=lambda text: typer.echo(text, err=True),
+        )
+    except FtuneError as exc:
+        _fail(exc)
+    print_results(results, Console())
+    if out is not None:
+        typer.echo(f"wrote {out}", err=True)
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="A run, adapter, merged or other model directory, hub id, 'demo', or a .gguf file.", show_default=False)],
+    prompt: PromptOpt = None,
+    prompts: PromptsOpt = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt (default: the one the run trained with, if any).", show_default=False)] = None,
+    max_new_tokens: MaxNewOpt = 256,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 0.9,
+    seed: SeedOpt = None,
+    json_: Annotated[bool, typer.Option("--json", help="With --prompt/--prompts: print JSON lines {prompt, answer}.")] = False,
+) -> None:
+    """Chat in the terminal (/system TEXT, /reset, /quit); with --prompt or --prompts, answer and exit."""
+    from ftune import chat as talk
+
+    try:
+        questions = list(prompt or []) + (talk.read_prompts(prompts) if prompts else [])
+        target = talk.resolve(model)
+        typer.echo(f"loading {model} ({target.kind})", err=True)
+        loaded = talk.load(target)
+        sampling = talk.Sampling(max_new_tokens, temperature, top_p, seed)
+        if questions:
+            talk.answer_prompts(loaded, questions, sampling, system=system, as_json=json_)
+        else:
+            talk.interactive(loaded, sampling, system=system)
+    except FtuneError as exc:
+        _fail(exc)
+
+
 def main() -> None:
     """Entry point: user-caused failures become one clear message and a non-zero exit."""
     import errno

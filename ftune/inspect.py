@@ -1,0 +1,285 @@
+"""`ftune inspect RECIPE`: what training will see and need, without training.
+
+The data goes through the same functions `ftune sft` calls (`prepare_sft`, `micro_batches`,
+`count_steps`), and shares its tokenization cache, so every number here is the number
+training will have. Only the tokenizer and the model's config are read, never the weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ftune import memory, models
+from ftune.data.chat import IGNORE, Formatter, make_formatter
+from ftune.data.packing import Encoded, micro_batches
+from ftune.data.pipeline import DataReport, prepare_sft
+from ftune.errors import FtuneError
+from ftune.recipe import Recipe, load_recipe
+
+TRAINED, MASKED = "bold green", "grey50"  # loss on the token / none; special tokens are shown reversed
+HISTOGRAM_BINS, BAR_WIDTH = 8, 40
+
+
+@dataclass(frozen=True)
+class Inspection:
+    recipe: Recipe
+    formatter: Formatter
+    train: Encoded
+    eval: Encoded
+    report: DataReport
+    rows_per_batch: list[int]  # rows in each micro-batch of epoch 0
+    token_slots: int  # positions those rows occupy (packed: rows x max_length; padded: rows x longest in batch)
+    steps_per_epoch: int
+    total_steps: int
+    memory: memory.MemoryEstimate
+    memory_cpu: memory.MemoryEstimate  # the same recipe trained on this machine's CPU (float32, no CUDA context)
+
+    @property
+    def samples(self) -> int:
+        """Samples tokenized: every usable row of every source."""
+        return sum(s["used"] for s in self.report.sources)
+
+    @property
+    def truncated_share(self) -> float:
+        return (self.report.truncated + self.report.dropped_too_long) / max(self.samples, 1)
+
+    @property
+    def loss_token_share(self) -> float:
+        return self.train.trained_tokens() / max(len(self.train.ids), 1)
+
+    @property
+    def packing_efficiency(self) -> float:
+        return len(self.train.ids) / max(self.token_slots, 1)
+
+    @property
+    def tokens_per_step(self) -> int:
+        tc = self.recipe.training
+        return tc.batch_size * self.recipe.data.max_length * tc.gradient_accumulation_steps * self.recipe.distributed.num_processes
+
+    def numbers(self) -> dict:
+        """The report's figures, for --json and tests."""
+        r = self.report
+        return {
+            "sources": r.sources, "skipped": r.skipped, "skipped_count": r.skipped_count,
+            "samples": self.samples, "train_samples": len(self.train), "eval_samples": len(self.eval),
+            "truncated": r.truncated, "dropped_too_long": r.dropped_too_long, "dropped_no_loss": r.dropped_no_loss,
+            "truncated_share": self.truncated_share, "train_tokens": len(self.train.ids),
+            "loss_tokens": self.train.trained_tokens(), "loss_token_share": self.loss_token_share,
+            "packed_rows": sum(self.rows_per_batch), "token_slots": self.token_slots,
+            "packing_efficiency": self.packing_efficiency, "tokens_per_step": self.tokens_per_step,
+            "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "audit": r.audit,
+            "memory_gib": {line.what: line.bytes / memory.GIB for line in self.memory.lines} | {"total": self.memory.total / memory.GIB},
+        }
+
+
+def inspect_recipe(recipe_path: Path, overrides: list[str] = ()) -> Inspection:
+    from transformers import AutoConfig
+
+    from ftune.stages.sft import count_steps
+
+    recipe_path = Path(recipe_path)
+    recipe = load_recipe(recipe_path, overrides)
+    models.quiet_libraries()
+    if recipe.stage != "sft":
+        raise FtuneError(f"ftune inspect reads sft recipes; this one is for stage '{recipe.stage}'", place=str(recipe_path))
+    base_dir = recipe_path.parent.resolve()
+    base = recipe.base_model
+    source = _config_source(base.name, base.revision, base_dir)
+    try:
+        tokenizer = models.load_tokenizer(source, trust_remote_code=base.trust_remote_code)
+        config = AutoConfig.from_pretrained(source, revision=base.revision, trust_remote_code=base.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise FtuneError(
+            f"cannot read the tokenizer and config of '{base.name}': {str(exc).splitlines()[0]}",
+            hint="connect to the Hub once (only the config and tokenizer files are fetched), or point base_model.name at a local directory",
+        ) from None
+    formatter = make_formatter(tokenizer, chat_template=recipe.data.chat_template,
+                               system_prompt=recipe.data.system_prompt, train_on=recipe.data.train_on)
+    train, evaluation, report = prepare_sft(recipe, tokenizer, formatter, base_dir=base_dir,
+                                            cache_root=models.cache_dir() / "data")
+
+    tc, max_length = recipe.training, recipe.data.max_length
+    world = recipe.distributed.num_processes
+    # Per process: each micro-batch of batch_size x world rows is shared out, batch_size rows each.
+    batches = micro_batches(train, max_length=max_length, batch_size=tc.batch_size * world, packed=recipe.data.packing,
+                            seed=tc.seed, epoch=0)
+    lengths = train.lengths()
+    row_lengths = [[int(sum(lengths[i] for i in row)) for row in batch] for batch in batches]
+    if recipe.data.packing:
+        slots = sum(len(b) for b in batches) * max_length
+    else:
+        slots = sum(len(rows) * max(rows) for rows in row_lengths)  # collate pads each batch to its longest row
+    steps_per_epoch, total_steps = count_steps(recipe, train, world=world)
+
+    count = memory.count_model(config, recipe.adapter)
+    labelled = -(-_most_labelled(train, batches) // world)  # a process's share, taking the batch with the most
+    tokens = tc.batch_size * max_length  # rows are filled (packing) or padded up to max_length at worst
+    return Inspection(
+        recipe=recipe, formatter=formatter, train=train, eval=evaluation, report=report,
+        rows_per_batch=[len(b) for b in batches], token_slots=slots,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        memory=memory.estimate(recipe, count, tokens=tokens, labelled=labelled, device="cuda"),
+        memory_cpu=memory.estimate(recipe, count, tokens=tokens, labelled=labelled, device="cpu"),
+    )
+
+
+def _config_source(name: str, revision: str | None, base_dir: Path) -> str:
+    """A local model directory, or a hub id read as is: inspect needs the config and tokenizer, never the weights."""
+    local = Path(name).expanduser()
+    if name == "demo" or name.startswith((".", "/", "~")) or local.exists() or (base_dir / local).exists():
+        return models.resolve_model_path(name, revision=revision, base_dir=base_dir)
+    return name
+
+
+def _most_labelled(data: Encoded, batches: list[list[list[int]]]) -> int:
+    """The most loss positions any micro-batch holds (a sample's first token is never a target)."""
+    trained = data.labels != IGNORE
+    trained[data.offsets[:-1]] = False
+    per_sample = np.add.reduceat(trained.astype(np.int64), data.offsets[:-1]) if len(data) else np.zeros(0)
+    return max((int(sum(per_sample[i] for row in batch for i in row)) for batch in batches), default=0)
+
+
+# --------------------------------------------------------------------------- showing it
+
+
+def print_inspection(ins: Inspection, console, *, samples: int = 2, gpu_gib: float = 24.0) -> None:
+    from rich.table import Table
+
+    from ftune.progress import summary_table
+
+    r, recipe = ins.report, ins.recipe
+    sources = Table(title="data sources")
+    for column in ("source", "format", "rows", "used", "skipped"):
+        sources.add_column(column, justify="left" if column in ("source", "format") else "right")
+    for s in r.sources:
+        sources.add_row(s["path"], s["format"], f"{s['rows']:,}", f"{s['used']:,}", f"{s['skipped']:,}")
+    console.print(sources)
+    for line in r.skipped:
+        console.print(f"  skipped {line}", highlight=False, markup=False)
+    if r.skipped_count > len(r.skipped):
+        console.print(f"  ... and {r.skipped_count - len(r.skipped)} more skipped rows", highlight=False)
+
+    tc, max_length = recipe.training, recipe.data.max_length
+    too_long = r.truncated + r.dropped_too_long
+    rows = [
+        ("samples (train / eval)", f"{ins.samples:,} ({len(ins.train):,} / {len(ins.eval):,})"),
+        (f"longer than {max_length} tokens", (f"{too_long:,} of {ins.samples:,} ({ins.truncated_share:.1%}), "
+                                              f"{'truncated' if recipe.data.too_long == 'truncate' else 'dropped'}")),
+        ("train tokens (with loss)", f"{len(ins.train.ids):,} ({ins.train.trained_tokens():,} = {ins.loss_token_share:.1%})"),
+        ("packed rows" if recipe.data.packing else "padded rows",
+         f"{sum(ins.rows_per_batch):,} rows, {len(ins.train.ids):,} tokens in {ins.token_slots:,} slots = {ins.packing_efficiency:.1%} filled"),
+        ("tokens per step", (f"{tc.batch_size} rows x {max_length} tokens x {tc.gradient_accumulation_steps} accumulation"
+                             f" x {recipe.distributed.num_processes} process{'es' if recipe.distributed.num_processes > 1 else ''}"
+                             f" = {ins.tokens_per_step:,} slots")),
+        ("steps", f"{ins.steps_per_epoch:,} per epoch; {ins.total_steps:,} in all"
+                  + (" (max_steps)" if tc.max_steps else f" ({tc.epochs:g} epochs)")),
+    ]
+    if r.dropped_no_loss:
+        rows.append(("dropped (no answer tokens left)", f"{r.dropped_no_loss:,}"))
+    if r.audit:
+        a = r.audit
+        rows.append(("end-of-turn audit", (f"'{a['end_of_turn']}' (id {a['end_of_turn_id']}) carries loss in "
+                                            f"{a['answers_ending_trained']} of {a['answers_ending']} answers "
+                                            f"({a['samples_checked']} samples checked)")))
+    console.print(summary_table("what training will see", rows))
+    console.print("[bold]token lengths[/] (train and eval samples, after data.too_long)", highlight=False)
+    lengths = np.concatenate([ins.train.lengths(), ins.eval.lengths()])
+    for line in histogram(lengths, max_length):
+        console.print(line, highlight=False, markup=False)
+
+    print_memory(ins.memory, console, gpu_gib=gpu_gib)
+    console.print(f"  on a CPU (float32, no CUDA context): {memory.gib(ins.memory_cpu.total)}", highlight=False)
+    if samples:
+        console.print(f"\n[bold]samples[/]: [{TRAINED}]trained (carries loss)[/], [{MASKED}]masked[/], "
+                      f"[reverse]special tokens[/], ↵ newlines", highlight=False)
+        for i in range(min(samples, len(ins.train))):
+            ids, labels = ins.train.sample(i)
+            trained = int((labels[1:] != IGNORE).sum())
+            console.rule(f"train sample {i}: {len(ids)} tokens, {trained} trained")
+            console.print(render_sample(ids, labels, ins.formatter.tokenizer))
+
+
+def histogram(lengths, max_length: int, bins: int = HISTOGRAM_BINS, width: int = BAR_WIDTH) -> list[str]:
+    """Text bars of sample lengths in equal bins from 1 to max_length; the top bin counts samples at max_length."""
+    lengths = np.asarray(lengths)
+    if not len(lengths):
+        return ["  (no samples)"]
+    edges = np.linspace(0, max_length, bins + 1).round().astype(int)
+    ranges = list(itertools.pairwise(edges))
+    counts = [int(((lengths > lo) & (lengths <= hi)).sum()) for lo, hi in ranges]
+    at_max = int((lengths >= max_length).sum())
+    most = max(counts) or 1
+    lines = []
+    for (lo, hi), n in zip(ranges, counts, strict=True):
+        bar = "█" * round(width * n / most)
+        lines.append(f"  {lo + 1:>6}-{hi:<6} {bar:<{width}} {n:,}")
+    if at_max:
+        lines.append(f"  {at_max:,} at max_length {max_length} (cut to it, or exactly that long)")
+    lines.append(f"  min {lengths.min():,}, median {int(np.median(lengths)):,}, max {lengths.max():,}")
+    return lines
+
+
+def render_sample(ids, labels, tokenizer):
+    """rich Text of one sample: trained tokens in TRAINED, masked in MASKED, special tokens literal and reversed."""
+    from rich.text import Text
+
+    special = set(tokenizer.all_special_ids)
+    text = Text()
+    group: list[int] = []
+    style = None
+    for t, token in enumerate(ids):
+        token = int(token)
+        trained = t > 0 and labels[t] != IGNORE  # a sample's first token is never predicted
+        token_style = TRAINED if trained else MASKED
+        if token in special:
+            _flush(text, group, style, tokenizer)
+            group, style = [], None
+            text.append(tokenizer.convert_ids_to_tokens(token), style=f"{token_style} reverse")
+            continue
+        if token_style != style:
+            _flush(text, group, style, tokenizer)
+            group, style = [], token_style
+        group.append(token)
+    _flush(text, group, style, tokenizer)
+    return text
+
+
+def _flush(text, group: list[int], style, tokenizer) -> None:
+    # Decoding runs of tokens, not single tokens, keeps multi-byte characters whole.
+    if group:
+        piece = tokenizer.decode(group, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        text.append(piece.replace("\n", "↵\n"), style=style)
+
+
+def print_memory(estimate: memory.MemoryEstimate, console, *, gpu_gib: float) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"memory per GPU for one training step, checked against {gpu_gib:g} GiB (estimate)")
+    table.add_column("what", style="bold")
+    table.add_column("size", justify="right")
+    table.add_column("formula")
+    for line in estimate.lines:
+        table.add_row(line.what, memory.gib(line.bytes), Text(line.formula))
+    table.add_row("total", memory.gib(estimate.total), "", style="bold")
+    console.print(table)
+    other = "without" if estimate.checkpointing else "with"
+    console.print(f"  {other} gradient checkpointing: {memory.gib(estimate.total_other)} "
+                  f"(activations {memory.gib(estimate.other_activations.bytes)}: {estimate.other_activations.formula})",
+                  highlight=False, markup=False)
+    budget = gpu_gib * memory.GIB
+    if estimate.total <= budget:
+        console.print(f"  [green]fits[/]: {memory.gib(estimate.total)} of {gpu_gib:g} GiB "
+                      f"({memory.gib(budget - estimate.total)} to spare)", highlight=False)
+        return
+    advice = []
+    if not estimate.checkpointing and estimate.total_other <= budget:
+        advice.append("set training.gradient_checkpointing: true")
+    advice.append("halve training.batch_size and double training.gradient_accumulation_steps (same tokens per step)")
+    advice.append("or use quantization.load_in_4bit (QLoRA)")
+    console.print(f"  [red]does not fit[/]: needs about {memory.gib(estimate.total)} of {gpu_gib:g} GiB; "
+                  + "; ".join(advice), highlight=False)
