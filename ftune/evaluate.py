@@ -95,7 +95,6 @@ def eval_data(targets: list[chat.Target], recipe_path, overrides, data, max_leng
     """(recipe, eval set, tokenizer, description): the recipe's held-out split, or a data file as a whole."""
     from ftune.data.chat import make_formatter
     from ftune.data.pipeline import prepare_sft
-    from ftune.stages.sft import _head
 
     if recipe_path is not None:
         recipe_path = Path(recipe_path)
@@ -126,7 +125,7 @@ def eval_data(targets: list[chat.Target], recipe_path, overrides, data, max_leng
     eval_set = held_out if recipe_path is not None else train
     limit = max_samples or recipe.evaluation.max_eval_samples
     if limit:
-        eval_set = _head(eval_set, limit)
+        eval_set = eval_set.head(limit)
     if not len(eval_set):
         raise FtuneError("the recipe holds out no eval data", place=str(recipe_path), hint="set data.eval or data.eval_fraction")
     return recipe, eval_set, tokenizer, source

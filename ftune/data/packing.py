@@ -38,6 +38,12 @@ class Encoded:
         a, b = self.offsets[i], self.offsets[i + 1]
         return self.ids[a:b], self.labels[a:b]
 
+    def head(self, n: int) -> Encoded:
+        """The first n samples."""
+        n = min(n, len(self))
+        end = self.offsets[n]
+        return Encoded(self.ids[:end], self.labels[:end], self.offsets[: n + 1])
+
     def trained_tokens(self) -> int:
         """Tokens that carry loss once shifted (a sample's first token is never a target)."""
         starts = self.offsets[:-1]

@@ -48,7 +48,7 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
     train_set, eval_set, report = prepare_sft(recipe, tokenizer, formatter, base_dir=base_dir,
                                               cache_root=models.cache_dir() / "data")
     if smoke:
-        train_set, eval_set = _head(train_set, SMOKE_TRAIN), _head(eval_set, SMOKE_EVAL)
+        train_set, eval_set = train_set.head(SMOKE_TRAIN), eval_set.head(SMOKE_EVAL)
     if ctx.is_main:
         print_data_report(report, train_set, eval_set)
 
@@ -171,14 +171,6 @@ def count_steps(recipe, train_set, *, smoke: bool = False, world: int = 1) -> tu
     return steps_per_epoch, SMOKE_STEPS if smoke else tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
 
 
-def _head(data, n: int):
-    from ftune.data.packing import Encoded
-
-    n = min(n, len(data))
-    end = data.offsets[n]
-    return Encoded(data.ids[:end], data.labels[:end], data.offsets[: n + 1])
-
-
 def print_data_report(report, train_set, eval_set) -> None:
     rows = [(s["path"], f"{s['used']} rows used of {s['rows']} ({s['format']}), {s['skipped']} skipped") for s in report.sources]
     rows.append(("train / eval samples", f"{len(train_set)} / {len(eval_set)}"))
@@ -204,7 +196,7 @@ def evaluate(scorer, eval_set, *, recipe, pad_id: int, device) -> dict:
     scorer.eval()
     total, count = 0.0, 0
     limit = recipe.evaluation.max_eval_samples
-    data = _head(eval_set, limit) if limit else eval_set
+    data = eval_set.head(limit) if limit else eval_set
     for rows in micro_batches(data, max_length=recipe.data.max_length, batch_size=recipe.training.batch_size,
                               packed=recipe.data.packing, seed=0, epoch=0):
         loss_sum, n = training.sft_loss_sum(scorer, training.move(collate(data, rows, pad_id, packed=recipe.data.packing), device))
