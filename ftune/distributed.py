@@ -123,6 +123,11 @@ class Context:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
+        if self.world > 1 and not torch.cuda.is_available():
+            # CPU processes on one machine share its cores: each takes its share of threads,
+            # or their thread pools spin against each other (several times slower).
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
 
