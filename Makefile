@@ -32,7 +32,7 @@ demo: install  ## the main job: SFT of the demo model on the demo data (a few mi
 	$(BIN)/ftune sft recipes/demo/sft.yaml --overwrite
 
 test: install  ## the whole test suite, end-to-end tests on the demo model included
-	@$(BIN)/python -m pytest -q --timeout=1200 $(PYTEST_ARGS); status=$$?; \
+	@$(BIN)/python -m pytest -q --timeout=2400 $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: the suite is broken" >&2; fi; exit $$status
 
 test-fast: install  ## the tests that take seconds (tiny models only)
