@@ -1,0 +1,569 @@
+"""`make bench`: ftune against TRL, side by side, on this machine; writes BENCHMARKS.md and bench.json.
+
+    python scripts/bench.py                        # the defaults (about 25-40 min on 2 CPU cores)
+    python scripts/bench.py --steps 6 --repeats 3  # steadier medians, about 3x longer
+    python scripts/bench.py --skip dpo merge export
+
+What is measured, and how (BENCHMARKS.md repeats this next to the figures):
+- SFT: trained tokens per second (tokens whose label is not -100 after the shift, the
+  tokens the loss sees) and peak resident memory, ftune's `sft` stage against TRL's
+  SFTTrainer with its defaults and with its own packing (packing=True, padding_free=True),
+  and ftune again with gradient checkpointing on (TRL's default), to compare memory like
+  with like.
+  Same demo model, rows, LoRA (r 16, alpha 32, all linear layers, dropout 0), learning
+  rate, batch (8 rows), max length (512), float32, and answer-only loss on both sides.
+- DPO: preference pairs per second and peak memory, ftune's `dpo` stage against TRL's
+  DPOTrainer defaults, beta 0.1, batch 4 pairs, max length 512.
+- Each measured run is its own process (its peak RSS is its own), the sides are
+  interleaved (A, B, C, A, B, C, ...), and the table gives medians over the repeats.
+  On a machine other processes are using, each run gets one torch thread (see pick_threads).
+  Model loading and tokenization are not timed; of `1 + steps` optimizer steps on each
+  side, the first is warm-up and the rest are timed, from the end of step 1 to the end of
+  the last step.
+- merge and GGUF export: scripts/bench_merge.py and scripts/bench_export.py, run as they are.
+- CLI start-up: `ftune --help` and `ftune validate`, against `python -c pass`.
+- The CPU's float32 matmul peak, and the share of it ftune reaches; on a CUDA GPU, a 1B
+  Llama-architecture model and the QLoRA peak memory of an 8B one (scripts/bench_gpu.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import bench_report
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+ALPACA = SHARED_DATA / "alpaca_2k.json"
+HH_RLHF = SHARED_DATA / "hh_rlhf_harmless_1k.jsonl"
+DEMO_SFT_DATA = ROOT / "ftune" / "demo_data" / "identity.jsonl"
+DEMO_DPO_DATA = ROOT / "ftune" / "demo_data" / "preferences.jsonl"
+PACKAGES = ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "safetensors", "numpy", "llama_cpp_python", "ftune"]
+
+# The settings both sides share; each is passed by name to ftune's recipe and to TRL's config.
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
+SFT_LR, DPO_LR, BETA = 2.0e-4, 5.0e-5, 0.1
+SEED = 42  # repeat i uses seed 42 + i on every side, so repeats draw different batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=400, help="SFT rows given to every side (default 400)")
+    parser.add_argument("--steps", type=int, default=1, help="timed optimizer steps per run, after 1 warm-up step (default 1)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each side; the table shows medians (default 2)")
+    parser.add_argument("--batch-size", type=int, default=8, help="SFT rows per step (default 8); DPO uses half, in pairs")
+    parser.add_argument("--max-length", type=int, default=512, help="longest sequence in tokens (default 512)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads in every measured process; 0 (default): 1 when other processes already load "
+                             "the CPUs (1-minute load average above half the cores), else torch's default (one per core)")
+    parser.add_argument("--startup-runs", type=int, default=5, help="runs of each start-up command (default 5)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["startup", "sft", "ftune-ckpt", "dpo", "merge", "export", "gpu"],
+                        help="parts to leave out (ftune-ckpt: the SFT side of ftune with gradient checkpointing)")
+    parser.add_argument("--out", type=Path, default=ROOT, help="folder for BENCHMARKS.md and bench.json (default: the repo)")
+    args = parser.parse_args()
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be at least 1")
+    command = "python scripts/bench.py" + "".join(f" {a}" for a in sys.argv[1:])
+
+    report: dict = {"command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "load_before": os.getloadavg(), "machine": machine_info(), "versions": package_versions(),
+                    "settings": {"rows": args.rows, "steps": args.steps, "warmup_steps": 1, "repeats": args.repeats,
+                                 "batch_size": args.batch_size, "dpo_batch_size": args.batch_size // 2,
+                                 "max_length": args.max_length, "lora": LORA, "sft_learning_rate": SFT_LR,
+                                 "dpo_learning_rate": DPO_LR, "beta": BETA, "dtype": "float32"}}
+    started = time.perf_counter()
+    report["threads"] = pick_threads(args.threads, report["load_before"][0])
+    # Every process started from here on (the measured runs, merge and export) inherits these.
+    os.environ.update({"OMP_NUM_THREADS": str(report["threads"]["threads"]), "MKL_NUM_THREADS": str(report["threads"]["threads"])})
+    say(f"ftune bench: {command}\nload average before: {bench_report.fmt_load(report['load_before'])}\n"
+        f"threads per measured process: {report['threads']['threads']} ({report['threads']['why']})")
+    report["matmul_peak"] = matmul_peak(report["threads"]["threads"])
+    say(f"fp32 matmul peak: {report['matmul_peak']['gflops']:.1f} GFLOP/s")
+    if "startup" not in args.skip:
+        report["startup"] = measure_startup(args.startup_runs)
+    with tempfile.TemporaryDirectory(prefix="ftune-bench-") as tmp:
+        tmp = Path(tmp)
+        from ftune.models import demo_model_dir
+
+        model_dir = demo_model_dir()
+        report["model"] = model_facts(model_dir)
+        if "sft" not in args.skip:
+            report["sft"] = bench_sft(tmp / "sft", model_dir, args)
+        if "dpo" not in args.skip:
+            report["dpo"] = bench_dpo(tmp / "dpo", model_dir, args)
+        if "merge" not in args.skip:
+            report["merge"] = run_script("bench_merge.py", parse_merge)
+        if "export" not in args.skip:
+            report["export"] = run_script("bench_export.py", None)
+        if "gpu" not in args.skip:
+            report["gpu"] = bench_gpu(tmp / "gpu")
+    report["load_after"] = os.getloadavg()
+    report["wall_s"] = time.perf_counter() - started
+    report["targets"] = bench_report.judge_targets(report)
+    markdown = bench_report.render_markdown(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (args.out / "BENCHMARKS.md").write_text(markdown)
+    print(markdown)
+    say(f"wrote {args.out / 'BENCHMARKS.md'} and {args.out / 'bench.json'} ({report['wall_s'] / 60:.1f} min)")
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []:
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    flags = ""
+    if Path("/proc/cpuinfo").exists():
+        words = set(Path("/proc/cpuinfo").read_text().split())
+        flags = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in words)
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem_kib / 2**20, 1),
+            "cpu_flags": flags, "gpu": gpu, "python": platform.python_version(), "os": platform.platform()}
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name.replace("_", "-"))
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def pick_threads(asked: int, load_1min: float) -> dict:
+    """Threads for every measured process, and why.
+
+    With two cores and another busy process, torch's two OpenMP threads keep meeting at
+    barriers where one waits (spinning) for the other to be scheduled again: the same
+    training step then takes 5 s or 45 s from one run to the next (measured here while
+    other jobs ran). One thread per process gives steady figures on a shared machine.
+    """
+    cores = os.cpu_count() or 1
+    if asked:
+        return {"threads": asked, "why": "--threads"}
+    if load_1min > 0.5 * cores:
+        return {"threads": 1, "why": f"1-minute load average {load_1min:.1f} > half of {cores} cores: other processes are running"}
+    return {"threads": cores, "why": f"one per core; 1-minute load average {load_1min:.1f}"}
+
+
+def matmul_peak(threads: int, n: int = 2048, tries: int = 8) -> dict:
+    """Best float32 GFLOP/s of n x n torch.matmul over a few tries (2 n^3 FLOPs each), on `threads` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return {"n": n, "tries": tries, "gflops": 2 * n**3 / best / 1e9, "threads": torch.get_num_threads()}
+
+
+def model_facts(model_dir: Path) -> dict:
+    """Parameter counts of the demo model, from its config (no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings()
+    lora_params = sum(LORA["r"] * (m.in_features + m.out_features) for m in model.modules()
+                      if isinstance(m, torch.nn.Linear) and m is not head)
+    largest_shard = max((f.stat().st_size for f in model_dir.glob("*.safetensors")), default=0)
+    return {"dir": str(model_dir), "type": config.model_type, "params": params, "lora_params": lora_params,
+            "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)), "vocab": config.vocab_size,
+            "largest_shard_mib": largest_shard / 2**20, "adapter_fp32_mib": lora_params * 4 / 2**20}
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def measure_startup(runs: int) -> dict:
+    ftune = Path(sys.executable).parent / "ftune"
+    commands = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "ftune --help": [str(ftune), "--help"],
+        "ftune validate recipes/demo/sft.yaml": [str(ftune), "validate", str(ROOT / "recipes/demo/sft.yaml")],
+    }
+    out = {}
+    for name, argv in commands.items():
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+            times.append(time.perf_counter() - start)
+            if done.returncode != 0:
+                raise SystemExit(f"`{name}` failed:\n{done.stdout}{done.stderr}")
+        out[name] = {"median_s": statistics.median(times), "runs": times}
+        say(f"start-up {name}: {out[name]['median_s'] * 1000:.0f} ms")
+    return out
+
+
+# --------------------------------------------------------------------------- data
+
+
+def sft_rows(n: int, max_length: int, model_dir: Path) -> tuple[list[dict], str]:
+    """The first n alpaca rows whose rendered conversation fits in max_length tokens."""
+    from ftune.data.formats import convert
+
+    formatter = _formatter(model_dir)
+    if ALPACA.is_file():
+        source, rows, fmt = str(ALPACA), json.loads(ALPACA.read_text()), "alpaca"
+    else:
+        source, fmt = str(DEMO_SFT_DATA), "messages"
+        rows = [json.loads(line) for line in DEMO_SFT_DATA.read_text().splitlines() if line.strip()]
+    kept = []
+    for row in rows:
+        chat = convert(row, fmt)
+        if len(formatter.encode(chat)[0]) <= max_length:
+            kept.append((row, chat))
+        if len(kept) == n:
+            break
+    return kept, source
+
+
+def dpo_rows(n: int, max_length: int, model_dir: Path) -> tuple[list, str]:
+    """The first n preference pairs that convert cleanly and whose both sides fit in max_length."""
+    from ftune.data.formats import BadRow, Chat, convert
+
+    formatter = _formatter(model_dir)
+    path = HH_RLHF if HH_RLHF.is_file() else DEMO_DPO_DATA
+    kept = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        try:
+            pair = convert(row, "preference")
+        except BadRow:
+            continue
+        lengths = [len(formatter.encode(Chat(pair.prompt + answer), last_turn_only=True)[0]) for answer in (pair.chosen, pair.rejected)]
+        if max(lengths) <= max_length:
+            kept.append((row, pair))
+        if len(kept) == n:
+            break
+    return kept, str(path)
+
+
+def _formatter(model_dir: Path):
+    from ftune.data.chat import make_formatter
+    from ftune.models import load_tokenizer
+
+    return make_formatter(load_tokenizer(str(model_dir)))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_recipe(path: Path, stage: str, model_dir: Path, data: Path, *, batch_size: int, max_length: int,
+                 steps: int, learning_rate: float, seed: int, out: Path, checkpointing: bool = False) -> Path:
+    """A recipe that trains `steps` optimizer steps with nothing else: no eval, checkpoints or sample answers."""
+    recipe = {
+        "stage": stage,
+        "base_model": {"name": str(model_dir), "dtype": "float32"},
+        "data": {"train": [{"path": str(data)}], "eval_fraction": 0.0, "max_length": max_length},
+        "adapter": {"method": "lora", "r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"], "target_modules": "all-linear"},
+        "training": {"learning_rate": learning_rate, "batch_size": batch_size, "max_steps": steps, "logging_steps": 1, "seed": seed,
+                     "gradient_checkpointing": checkpointing},
+        "evaluation": {"prompts": []},
+        "output": {"dir": str(out)},
+    }
+    if stage == "dpo":
+        recipe["preference"] = {"method": "dpo", "beta": BETA}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(recipe, indent=2))  # JSON is YAML
+    return path
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def run_child(script: str, spec: dict, log: Path) -> dict:
+    """Run one measured side in its own process; its last `BENCH_RESULT` line is the result."""
+    spec_path = log.with_suffix(".spec.json")
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "FTUNE_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        done = subprocess.run([sys.executable, str(SCRIPTS / script), str(spec_path)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=handle, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = "\n".join(log.read_text().splitlines()[-40:])
+        raise SystemExit(f"{script} failed (exit {done.returncode}); its log ends:\n{tail}")
+    result = json.loads(lines[-1].removeprefix("BENCH_RESULT "))
+    result["process_wall_s"] = time.perf_counter() - start
+    return result
+
+
+def interleave(sides: dict, repeats: int, log_dir: Path) -> dict[str, list[dict]]:
+    """Run each side `repeats` times as A, B, C, A, B, C, ...; every run in a fresh process."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {name: [] for name in sides}
+    for repeat in range(repeats):
+        for name, (script, make_spec, summarize) in sides.items():
+            spec = make_spec(repeat)
+            load = os.getloadavg()[0]
+            raw = run_child(script, spec, log_dir / f"{slug(name)}-{repeat}.log")
+            summary = summarize(raw)
+            summary["load_1min_at_start"] = load
+            results[name].append(summary)
+            say(f"  {name} #{repeat + 1}: " + ", ".join(f"{k} {v:,.1f}" for k, v in summary.items()
+                                                      if k in ("timed_s", "tokens_per_s", "pairs_per_s", "pairs_per_s_with_reference", "peak_rss_mib")))
+    return results
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def summarize_ftune_sft(raw: dict) -> dict:
+    """Timed-step figures from the run's metrics.jsonl.
+
+    ftune logs `tokens_per_s` = trained tokens so far / seconds since just before step 1,
+    at the end of every step (logging_steps 1). With T_k the trained tokens of steps 1..k
+    (counted from the batches, as ftune counts them), the time at the end of step k is
+    E_k = T_k / tokens_per_s_k, and the timed figure is (T_n - T_1) / (E_n - E_1): steps 2..n,
+    the same window as TRL's.
+    """
+    metrics = sorted(raw["metrics"], key=lambda m: m["step"])
+    trained = [b["trained"] for b in raw["batches"]]
+    cumulative = [sum(trained[: k + 1]) for k in range(len(trained))]
+    ends = [cumulative[k] / metrics[k]["tokens_per_s"] for k in range(len(metrics))]
+    seconds = ends[-1] - ends[0]
+    hook_seconds = raw["marks"][-1]["t"] - raw["marks"][0]["t"]
+    cpu = raw["marks"][-1]["cpu_s"] - raw["marks"][0]["cpu_s"]
+    return _step_figures(raw["batches"][1:], seconds, raw, cpu, extra={"hook_seconds": hook_seconds})
+
+
+def summarize_trl(raw: dict) -> dict:
+    ends = raw["step_ends"]
+    seconds = ends[-1] - ends[0]
+    figures = _step_figures(raw["batches"][1: len(ends)], seconds, raw, raw["step_cpu_s"][-1] - raw["step_cpu_s"][0])
+    figures["trl_settings"] = raw["settings"]
+    return figures
+
+
+def _step_figures(batches: list[dict], seconds: float, raw: dict, cpu_seconds: float, extra: dict | None = None) -> dict:
+    trained = sum(b["trained"] for b in batches)
+    real = sum(b["real"] for b in batches)
+    slots = sum(b["slots"] for b in batches)
+    out = {"timed_steps": len(batches), "timed_s": seconds, "trained_tokens": trained, "real_tokens": real, "token_slots": slots,
+           "tokens_per_s": trained / seconds, "cpu_s": cpu_seconds, "tokens_per_cpu_s": trained / cpu_seconds,
+           "real_tokens_per_s": real / seconds, "slots_per_s": slots / seconds,
+           "peak_rss_mib": raw["hwm_at_last_step_mib"], "peak_rss_end_mib": raw["hwm_mib"], "threads": raw["threads"],
+           "process_wall_s": raw["process_wall_s"]}
+    if "pairs" in (batches[0] if batches else {}):
+        out["pairs"] = sum(b["pairs"] for b in batches)
+        out["pairs_per_s"] = out["pairs"] / seconds
+    out.update(extra or {})
+    return out
+
+
+def summarize_ftune_dpo(batch_size: int, total_pairs: int):
+    def summarize(raw: dict) -> dict:
+        """As for SFT, from `pairs_per_s` = pairs so far / seconds since just before step 1, k * batch pairs at step k.
+
+        The reference log-probs ftune computes once before training (for all `total_pairs`
+        pairs) are timed apart; `pairs_per_s_with_reference` charges each timed pair its
+        share of that pass, since TRL runs its reference forward inside every step.
+        """
+        metrics = sorted(raw["metrics"], key=lambda m: m["step"])
+        ends = [m["step"] * batch_size / m["pairs_per_s"] for m in metrics]
+        seconds = ends[-1] - ends[0]
+        batches = [{**b, "pairs": batch_size} for b in raw["batches"][1: len(metrics)]]
+        cpu = raw["marks"][-1]["cpu_s"] - raw["marks"][0]["cpu_s"]
+        out = _step_figures(batches, seconds, raw, cpu, extra={"hook_seconds": raw["marks"][-1]["t"] - raw["marks"][0]["t"],
+                                                          "reference_s": raw["reference_s"], "reference_pairs": total_pairs})
+        out["pairs_per_s_with_reference"] = out["pairs"] / (seconds + raw["reference_s"] * out["pairs"] / total_pairs)
+        return out
+    return summarize
+
+
+def summarize_trl_dpo(raw: dict) -> dict:
+    out = summarize_trl(raw)
+    out["pairs_per_s_with_reference"] = out["pairs_per_s"]  # TRL's reference forward is inside each step
+    return out
+
+
+def bench_sft(tmp: Path, model_dir: Path, args) -> dict:
+    kept, source = sft_rows(args.rows, args.max_length, model_dir)
+    ftune_data = write_jsonl(tmp / "ftune.jsonl", [row for row, _ in kept])
+    # TRL gets the very conversations ftune renders (system turn added by the chat template on
+    # both sides), as conversational prompt/completion rows: TRL's completion-only loss then
+    # trains the answer and what the template appends to it (<|im_end|> and a newline).
+    trl_data = write_jsonl(tmp / "trl.jsonl", [{"prompt": list(chat.messages[:-1]), "completion": [chat.messages[-1]]}
+                                                for _, chat in kept])
+    steps = 1 + args.steps
+    say(f"SFT: {len(kept)} rows from {source}, {steps} steps per run ({args.steps} timed), {args.repeats} repeats")
+
+    def ftune_spec(checkpointing: bool):
+        def make(repeat: int) -> dict:
+            name = f"ftune{'-ckpt' if checkpointing else ''}-{repeat}"
+            recipe = write_recipe(tmp / f"{name}.yaml", "sft", model_dir, ftune_data, batch_size=args.batch_size, max_length=args.max_length,
+                                  steps=steps, learning_rate=SFT_LR, seed=SEED + repeat, out=tmp / f"run-{name}",
+                                  checkpointing=checkpointing)
+            return {"kind": "sft", "recipe": str(recipe)}
+        return make
+
+    def trl_spec(packing: bool):
+        def make(repeat: int) -> dict:
+            return {"kind": "sft", "model_dir": str(model_dir), "data": str(trl_data), "steps": steps, "batch_size": args.batch_size,
+                    "max_length": args.max_length, "learning_rate": SFT_LR, "lora": LORA, "packing": packing, "seed": SEED + repeat,
+                    "output_dir": str(tmp / f"trl-{'packing' if packing else 'default'}-{repeat}")}
+        return make
+
+    sides = {"ftune": ("bench_ftune.py", ftune_spec(False), summarize_ftune_sft)}
+    if "ftune-ckpt" not in args.skip:
+        sides[bench_report.FTUNE_CKPT] = ("bench_ftune.py", ftune_spec(True), summarize_ftune_sft)
+    sides["TRL defaults"] = ("bench_trl.py", trl_spec(False), summarize_trl)
+    sides["TRL packing"] = ("bench_trl.py", trl_spec(True), summarize_trl)
+    runs = interleave(sides, args.repeats, tmp / "logs")
+    return {"rows": len(kept), "source": source, "runs": runs, "medians": medians(runs)}
+
+
+def bench_dpo(tmp: Path, model_dir: Path, args) -> dict:
+    batch = max(1, args.batch_size // 2)
+    steps = 1 + args.steps
+    # Exactly the pairs the run trains on: ftune's reference pass covers its whole train set,
+    # so more pairs would charge ftune for reference work on pairs it never trains.
+    kept, source = dpo_rows(steps * batch, args.max_length, model_dir)
+    if len(kept) < steps * batch:
+        steps = len(kept) // batch
+        kept = kept[: steps * batch]
+    ftune_data = write_jsonl(tmp / "ftune.jsonl", [row for row, _ in kept])
+    trl_data = write_jsonl(tmp / "trl.jsonl", [{"prompt": list(p.prompt), "chosen": list(p.chosen), "rejected": list(p.rejected)}
+                                                for _, p in kept])
+    say(f"DPO: {len(kept)} pairs from {source}, {steps} steps of {batch} pairs per run, {args.repeats} repeats")
+
+    def ftune_spec(repeat: int) -> dict:
+        recipe = write_recipe(tmp / f"ftune-{repeat}.yaml", "dpo", model_dir, ftune_data, batch_size=batch,
+                              max_length=args.max_length, steps=steps, learning_rate=DPO_LR, seed=SEED + repeat,
+                              out=tmp / f"ftune-run-{repeat}")
+        return {"kind": "dpo", "recipe": str(recipe)}
+
+    def trl_spec(repeat: int) -> dict:
+        return {"kind": "dpo", "model_dir": str(model_dir), "data": str(trl_data), "steps": steps, "batch_size": batch,
+                "max_length": args.max_length, "learning_rate": DPO_LR, "lora": LORA, "beta": BETA, "seed": SEED + repeat,
+                "output_dir": str(tmp / f"trl-{repeat}")}
+
+    sides = {
+        "ftune": ("bench_ftune.py", ftune_spec, summarize_ftune_dpo(batch, len(kept))),
+        "TRL defaults": ("bench_trl.py", trl_spec, summarize_trl_dpo),
+    }
+    runs = interleave(sides, args.repeats, tmp / "logs")
+    return {"pairs": len(kept), "batch_size": batch, "source": source, "runs": runs, "medians": medians(runs)}
+
+
+def medians(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    out = {}
+    for name, results in runs.items():
+        keys = [k for k, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        out[name] = {k: statistics.median(r[k] for r in results) for k in keys}
+    return out
+
+
+# --------------------------------------------------------------------------- merge, export, GPU
+
+
+def run_script(name: str, parse) -> dict:
+    """Run another benchmark script as it is; keep its output (and its figures when they parse)."""
+    path = SCRIPTS / name
+    if not path.is_file():
+        say(f"{name}: not there, skipped")
+        return {"skipped": f"scripts/{name} does not exist yet"}
+    say(f"running scripts/{name} ...")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(path)], cwd=ROOT, capture_output=True, text=True, check=False,
+                          env={**os.environ, "FTUNE_NO_PROGRESS": "1"})
+    out = {"exit": done.returncode, "wall_s": time.perf_counter() - start, "stdout": done.stdout.strip(),
+           "stderr_tail": "\n".join(done.stderr.strip().splitlines()[-20:])}
+    if done.returncode == 0 and parse is not None:
+        try:
+            out["parsed"] = parse(done.stdout)
+        except (ValueError, KeyError, IndexError, StopIteration) as exc:
+            out["parse_error"] = f"could not read its table: {exc}"
+    return out
+
+
+def parse_table(text: str) -> dict[str, dict[str, float]]:
+    """The rows of a fixed-width table whose header starts with 'method' or 'step': {row name: {column: value}}.
+
+    Columns are split on runs of two or more spaces, so names may hold single spaces.
+    """
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if re.match(r"^(method|step)\s{2,}", line))
+    columns = re.split(r"\s{2,}", lines[at].strip())[1:]
+    rows = {}
+    for line in lines[at + 1:]:
+        found = re.match(r"^(\S.*?)\s{2,}(-?[\d.]+(?:\s+-?[\d.]+)*)\s*$", line)
+        if found and len(found.group(2).split()) == len(columns):
+            rows[found.group(1).strip()] = dict(zip(columns, map(float, found.group(2).split())))
+    return rows
+
+
+def parse_merge(text: str) -> dict:
+    """bench_merge.py's figures for ftune and peft: seconds, and the memory the merge adds (MiB)."""
+    rows = parse_table(text)
+    columns = list(next(iter(rows.values())))
+    seconds = next(c for c in columns if re.search(r"(^|\s)(s|seconds)$", c))
+    memory = next((c for c in columns if re.search(r"merge MiB|added|over imports", c)), None) or next(c for c in columns if "MiB" in c)
+    pick = {name: {"seconds": row[seconds], "mib": row[memory]} for name, row in rows.items()}
+    return {"rows": rows, "seconds_column": seconds, "memory_column": memory,
+            "ftune": next(v for k, v in pick.items() if k.startswith("ftune")), "peft": next(v for k, v in pick.items() if "peft" in k)}
+
+
+def bench_gpu(tmp: Path) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        say("GPU: no CUDA device, skipped")
+        return {"skipped": "no CUDA GPU on this machine (torch.cuda.is_available() is False)"}
+    sys.path.insert(0, str(SCRIPTS))
+    import bench_gpu
+
+    return bench_gpu.run(tmp)
+
+
+
+if __name__ == "__main__":
+    main()
