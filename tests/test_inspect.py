@@ -158,14 +158,17 @@ def test_masking_view_colours_trained_and_masked_tokens(tiny_model_dir):
 
 
 MEASURE = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from ftune import training
 from ftune.stages import sft
 
-def rss():
+def status(field):
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+def rss():
+    return status("VmRSS:")
 
 before = {}
 build_model = training.build_model
@@ -174,7 +177,9 @@ def measured_build_model(*args, **kwargs):
     return build_model(*args, **kwargs)
 training.build_model = measured_build_model
 sft.run(Path(sys.argv[1]), sys.argv[2:])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM is this process image's own peak. ru_maxrss is not: Linux carries the forked parent's
+# peak across exec, so a child of a large pytest process would report the parent's size.
+peak = status("VmHWM:")
 print(json.dumps({"growth": peak - before["rss"]}))
 """
 MEMORY_MARGIN = 0.15  # the estimate is within 15% of the measured peak; README says so too
