@@ -69,13 +69,15 @@ def render_markdown(report: dict) -> str:
         "",
         f"- command: `{report['command']}` ({report['wall_s'] / 60:.1f} min)",
         f"- date: {report['started']}",
-        f"- machine: {m['cpu']}, {m['cores']} cores ({m['cpu_flags']}), {m['ram_gib']} GiB RAM, torch threads {m['torch_threads']}"
+        f"- machine: {m['cpu']}, {m['cores']} cores ({m['cpu_flags']}), {m['ram_gib']} GiB RAM"
         + (f", GPU {m['gpu']}" if m["gpu"] else ", no GPU"),
         f"- load average before: {fmt_load(report['load_before'])}; after: {fmt_load(report['load_after'])}"
         + (" -- other processes were using the CPUs; absolute figures are lower than on an idle machine, ratios"
            " come from interleaved runs" if max(report["load_before"][0], report["load_after"][0], report["load_before"][1]) > 0.5 * (m["cores"] or 1) else ""),
+        f"- torch threads per measured process: **{report['threads']['threads']}** ({report['threads']['why']})",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),
-        (f"- fp32 matmul peak on this machine (best of {report['matmul_peak']['tries']} x {report['matmul_peak']['n']}^2 torch.matmul): "
+        (f"- fp32 matmul peak on this machine (best of {report['matmul_peak']['tries']} x {report['matmul_peak']['n']}^2 torch.matmul, "
+         f"{report['matmul_peak']['threads']} thread(s)): "
         f"**{report['matmul_peak']['gflops']:.1f} GFLOP/s**"),
         "",
         "## Targets",
