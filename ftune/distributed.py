@@ -131,6 +131,17 @@ class Context:
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
 
+    def accumulating(self, model, last: bool):
+        """Context for one backward pass of an optimizer step: DDP skips its gradient all-reduce
+        on every pass but the step's last (the gradients add up locally either way)."""
+        import contextlib
+
+        from accelerate.utils import DistributedType
+
+        if last or self.accelerator.distributed_type not in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(model)
+
     def loss_scale(self, accumulation_steps: int) -> float:
         """Factor on a loss already divided by the step's total tokens (or pairs).
 

@@ -116,14 +116,25 @@ def inspect_recipe(recipe_path: Path, overrides: list[str] = ()) -> Inspection:
     steps_per_epoch, total_steps = count_steps(recipe, train, world=world)
 
     count = memory.count_model(config, recipe.adapter)
-    labelled = -(-_most_labelled(train, batches) // world)  # a process's share, taking the batch with the most
-    tokens = tc.batch_size * max_length  # rows are filled (packing) or padded up to max_length at worst
+
+    from ftune.training import pass_budget, split_passes
+
+    def per_pass(device: str) -> dict:
+        """Tokens and loss positions of the largest forward/backward pass on `device`: a process's
+        share of a micro-batch, split into passes as training splits it (see training.pass_budget)."""
+        budget = pass_budget(recipe, device)
+        shares = [batch[:tc.batch_size] for batch in batches]
+        passes = [part for share in shares for part in split_passes(share, [max_length] * len(share), budget)]
+        rows = max((len(p) for p in passes), default=tc.batch_size)
+        # rows are filled (packing) or padded up to max_length at worst
+        return {"tokens": rows * max_length, "labelled": _most_labelled(train, passes)}
+
     return Inspection(
         recipe=recipe, formatter=formatter, train=train, eval=evaluation, report=report,
         rows_per_batch=[len(b) for b in batches], token_slots=slots,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-        memory=memory.estimate(recipe, count, tokens=tokens, labelled=labelled, device="cuda"),
-        memory_cpu=memory.estimate(recipe, count, tokens=tokens, labelled=labelled, device="cpu"),
+        memory=memory.estimate(recipe, count, **per_pass("cuda"), device="cuda"),
+        memory_cpu=memory.estimate(recipe, count, **per_pass("cpu"), device="cpu"),
     )
 
 
@@ -136,7 +147,7 @@ def _config_source(name: str, revision: str | None, base_dir: Path) -> str:
 
 
 def _most_labelled(data: Encoded, batches: list[list[list[int]]]) -> int:
-    """The most loss positions any micro-batch holds (a sample's first token is never a target)."""
+    """The most loss positions any micro-batch (or pass) holds (a sample's first token is never a target)."""
     trained = data.labels != IGNORE
     trained[data.offsets[:-1]] = False
     per_sample = np.add.reduceat(trained.astype(np.int64), data.offsets[:-1]) if len(data) else np.zeros(0)
@@ -279,7 +290,7 @@ def print_memory(estimate: memory.MemoryEstimate, console, *, gpu_gib: float) ->
     advice = []
     if not estimate.checkpointing and estimate.total_other <= budget:
         advice.append("set training.gradient_checkpointing: true")
-    advice.append("halve training.batch_size and double training.gradient_accumulation_steps (same tokens per step)")
+    advice.append("lower training.tokens_per_pass (passes of fewer rows: the same update, less memory)")
     advice.append("or use quantization.load_in_4bit (QLoRA)")
     console.print(f"  [red]does not fit[/]: needs about {memory.gib(estimate.total)} of {gpu_gib:g} GiB; "
                   + "; ".join(advice), highlight=False)

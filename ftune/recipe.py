@@ -35,7 +35,10 @@ class BaseModelSection(Section):
         "auto", description="Weight and compute dtype: auto is float32 on CPU, bfloat16 on a GPU that supports it."
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel; auto picks sdpa."
+        "auto", description=(
+            "Attention kernel. auto: sdpa, and when training on packed rows, SDPA run sample by sample on "
+            "Llama, Mistral, Qwen2/3, Phi-3, OLMo-2 and Granite models (ftune/attention.py)."
+        ),
     )
 
 
@@ -123,6 +126,15 @@ class TrainingSection(Section):
         4, ge=1, description="Rows per micro-batch per device (a row is one packed sequence when packing)."
     )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    tokens_per_pass: int | None = Field(
+        None, ge=1, description=(
+            "Most tokens one forward and backward pass holds (at least one row or pair). A micro-batch holding more "
+            "runs in several passes whose gradients add up to the same update: memory and speed change, results "
+            "do not. Default: data.max_length on a CPU, where activation memory rather than arithmetic limits "
+            "speed; the whole micro-batch on a GPU. KTO always takes its micro-batch whole (its KL baseline is a "
+            "mean over it)."
+        ),
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     seed: int = Field(42, description="Seed for shuffling, splitting, initialisation and dropout.")
@@ -235,6 +247,9 @@ class Recipe(Section):
             problems.append(("distributed.machine_rank", f"must be below num_machines ({dist.num_machines})"))
         if dist.backend == "deepspeed" and self.quantization.load_in_4bit and dist.zero_stage == 3:
             problems.append(("distributed.zero_stage", "ZeRO-3 cannot shard a 4-bit bitsandbytes model; use zero_stage: 2 or backend: fsdp"))
+        if dist.backend == "deepspeed" and self.training.tokens_per_pass is not None:
+            problems.append(("training.tokens_per_pass", "DeepSpeed counts backward passes itself and cannot split a micro-batch; "
+                             "lower training.batch_size instead"))
         if problems:
             raise CrossFieldError(problems)
         return self

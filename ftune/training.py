@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ftune import models
+from ftune import attention, models
 from ftune.data.chat import IGNORE
 from ftune.errors import FtuneError
 from ftune.progress import console
@@ -41,6 +41,8 @@ def build_model(recipe, model_path: str, dtype, *, adapter_from: Path | None = N
         trust_remote_code=base.trust_remote_code, attn_implementation=base.attn_implementation,
     )
     model.config.use_cache = False
+    if base.attn_implementation == "auto" and (recipe.stage == "dpo" or recipe.data.packing):
+        attention.enable(model, recipe.data.max_length)  # packed rows: attention sample by sample
     if recipe.quantization.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.training.gradient_checkpointing)
     elif recipe.training.gradient_checkpointing:
@@ -123,6 +125,46 @@ def sft_loss_sum(scorer, batch: dict) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled positions, and their count."""
     token_logps = scorer(**batch)
     return -token_logps.sum(), token_logps.numel()
+
+
+def pass_budget(recipe, device) -> int | None:
+    """Most tokens per forward/backward pass (None: a whole micro-batch in one pass).
+
+    On a CPU the default is one row of max_length tokens. Measured on the demo model
+    (scripts/bench.py, alpaca rows packed to 512 tokens): a micro-batch of 8 rows in one pass
+    peaks at 15 GiB resident and trains 78 tokens/s; in passes of one row, about 3 GiB and
+    faster. glibc keeps the large freed blocks of one pass in its heap, fragmented, so the
+    resident size grows far past what the live tensors need, and the matmuls, which already
+    run near the CPU's peak at 512 rows, gain nothing from more.
+    """
+    if recipe.training.tokens_per_pass is not None:
+        return recipe.training.tokens_per_pass
+    if recipe.distributed.backend == "deepspeed":  # it counts backward passes against its own accumulation
+        return None
+    return recipe.data.max_length if torch.device(device).type == "cpu" else None
+
+
+def split_passes(items: list, sizes: list[int], budget: int | None, *, padded: bool = True) -> list[list]:
+    """`items` in order, in groups of at most `budget` tokens, each holding at least one item.
+
+    A group's size is its count x its largest item when it is padded to its longest (SFT
+    rows), the sum of its items' sizes when they are packed (preference pairs).
+    """
+    if budget is None:
+        return [items] if items else []
+    groups: list[list] = []
+    current: list = []
+    widest = total = 0
+    for item, size in zip(items, sizes):
+        grown = (len(current) + 1) * max(widest, size) if padded else total + size
+        if current and grown > budget:
+            groups.append(current)
+            current, widest, total = [], 0, 0
+        current.append(item)
+        widest, total = max(widest, size), total + size
+    if current:
+        groups.append(current)
+    return groups
 
 
 def move(batch: dict, device) -> dict:

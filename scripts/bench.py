@@ -66,8 +66,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="SFT rows per step (default 8); DPO uses half, in pairs")
     parser.add_argument("--max-length", type=int, default=512, help="longest sequence in tokens (default 512)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads in every measured process; 0 (default): 1 when other processes already load "
-                             "the CPUs (1-minute load average above half the cores), else torch's default (one per core)")
+                        help="torch threads in every measured process; 0 (default): 1 when other processes are already "
+                             "using more than half a core, else torch's default (one per core)")
     parser.add_argument("--startup-runs", type=int, default=5, help="runs of each start-up command (default 5)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["startup", "sft", "ftune-ckpt", "dpo", "merge", "export", "gpu"],
                         help="parts to leave out (ftune-ckpt: the SFT side of ftune with gradient checkpointing)")
@@ -90,7 +90,7 @@ def main() -> None:
                                  "max_length": args.max_length, "lora": LORA, "sft_learning_rate": SFT_LR,
                                  "dpo_learning_rate": DPO_LR, "beta": BETA, "dtype": "float32"}}
     started = time.perf_counter()
-    report["threads"] = pick_threads(args.threads, report["load_before"][0])
+    report["threads"] = pick_threads(args.threads)
     # Every process started from here on (the measured runs, merge and export) inherits these.
     os.environ.update({"OMP_NUM_THREADS": str(report["threads"]["threads"]), "MKL_NUM_THREADS": str(report["threads"]["threads"])})
     say(f"ftune bench: {command}\nload average before: {bench_report.fmt_load(report['load_before'])}\n"
@@ -172,7 +172,27 @@ def package_versions() -> dict:
     return found
 
 
-def pick_threads(asked: int, load_1min: float) -> dict:
+def busy_cores(seconds: float = 3.0) -> float:
+    """Cores' worth of CPU time other processes used over the last `seconds` (from /proc/stat).
+
+    The load average lags by minutes (a run that just ended still counts), so the decision
+    looks at what the CPUs are doing now.
+    """
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    if not Path("/proc/stat").exists():
+        return os.getloadavg()[0]
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    share = 1 - (idle1 - idle0) / max(total1 - total0, 1)
+    return share * (os.cpu_count() or 1)
+
+
+def pick_threads(asked: int) -> dict:
     """Threads for every measured process, and why.
 
     With two cores and another busy process, torch's two OpenMP threads keep meeting at
@@ -183,9 +203,10 @@ def pick_threads(asked: int, load_1min: float) -> dict:
     cores = os.cpu_count() or 1
     if asked:
         return {"threads": asked, "why": "--threads"}
-    if load_1min > 0.5 * cores:
-        return {"threads": 1, "why": f"1-minute load average {load_1min:.1f} > half of {cores} cores: other processes are running"}
-    return {"threads": cores, "why": f"one per core; 1-minute load average {load_1min:.1f}"}
+    busy = busy_cores()
+    if busy > 0.5:
+        return {"threads": 1, "why": f"other processes were using {busy:.1f} of {cores} cores"}
+    return {"threads": cores, "why": f"one per core; other processes were using {busy:.1f} of {cores} cores"}
 
 
 def matmul_peak(threads: int, n: int = 2048, tries: int = 8) -> dict:

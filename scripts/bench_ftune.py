@@ -8,7 +8,7 @@ written there).
 
 The stage runs unchanged, from `ftune.stages.<kind>.run(recipe)`. Three pass-through
 wrappers observe it without changing what it computes:
-- `collate` (ftune's batch builder) records, per micro-batch, the trained tokens
+- `collate` (ftune's batch builder) records, per pass, the trained tokens
   (targets != -100; ftune shifts targets in collate, so these are exactly the tokens the
   loss sees), the token slots the model processes, and the real (non-padding) tokens;
 - `Reporter.log` records when each step was logged, the CPU time and the peak RSS by then;
@@ -41,6 +41,18 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def per_step(passes: list[dict], steps: int) -> list[dict]:
+    """The passes' counts summed per optimizer step (a step runs one or more passes), steps 1..steps."""
+    out = [{"trained": 0, "slots": 0, "real": 0, "passes": 0} for _ in range(steps)]
+    for record in passes:
+        if record["step"] <= steps:
+            step = out[record["step"] - 1]
+            for key in ("trained", "slots", "real"):
+                step[key] += record[key]
+            step["passes"] += 1
+    return out
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     import torch
@@ -57,9 +69,11 @@ def main() -> None:
         def wrapped(data, rows, pad_id, *, packed):
             batch = collate(data, rows, pad_id, packed=packed)
             if phase["name"] == "train":
+                # A step's passes are all built before its first forward, so the step under way
+                # is the one after the last logged.
                 lengths = data.lengths()
-                batches.append({"trained": int((batch["targets"] != IGNORE).sum()), "slots": batch["input_ids"].numel(),
-                                "real": int(sum(lengths[i] for row in rows for i in row))})
+                batches.append({"step": len(marks) + 1, "trained": int((batch["targets"] != IGNORE).sum()),
+                                "slots": batch["input_ids"].numel(), "real": int(sum(lengths[i] for row in rows for i in row))})
             return batch
         return wrapped
 
@@ -113,7 +127,7 @@ def main() -> None:
     result = {
         "metrics": [m for m in metrics if "loss" in m],
         "marks": marks,
-        "batches": batches[: len(marks)],
+        "batches": per_step(batches, len(marks)),
         "reference_s": phase["reference_s"],
         "hwm_start_mib": hwm_start,
         "hwm_at_last_step_mib": marks[-1]["hwm_mib"] if marks else float("nan"),

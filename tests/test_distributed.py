@@ -70,7 +70,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model
     assert meta["status"] == "completed" and meta["summary"]["processes"] == 2
     assert yaml.safe_load((tmp_path / "two/accelerate_config.yaml").read_text())["num_processes"] == 2
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")), rtol=1e-4, atol=1e-5)
-    assert_same_adapter(tmp_path / "one", tmp_path / "two")
+    # Gradients are summed over passes in another order on each side; Adam's per-element
+    # normalisation magnifies that rounding where a gradient is near zero (measured: 1e-4 on
+    # one weight of 512 after 6 steps at lr 2e-2, with or without DDP's no_sync).
+    assert_same_adapter(tmp_path / "one", tmp_path / "two", atol=3e-4)
     assert two.stderr.count("finished") <= 1, "only the main process reports"
 
 

@@ -153,6 +153,25 @@ def test_every_method_trains_and_prefers_the_chosen_answers(tmp_path, tiny_model
     assert json.loads((run_dir / "run.json").read_text())["stage"] == "dpo"
 
 
+def test_splitting_pairs_into_passes_changes_memory_not_the_update(tmp_path, tiny_model_dir):
+    """Four pairs per micro-batch in one pass, or a pass per pair: the same losses, rewards and adapter."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, budget in (("one-pass", 100_000), ("pass-per-pair", 1)):
+        (tmp_path / name).mkdir()
+        recipe = dpo_recipe(tmp_path / name, tiny_model_dir, extra=f"  tokens_per_pass: {budget}\n")
+        recipe.write_text(recipe.read_text().replace("batch_size: 2", "batch_size: 4").replace("max_steps: 6", "max_steps: 3"))
+        runs[name] = [metrics(dpo.run(recipe)), load_file(tmp_path / name / "dpo-run/adapter/adapter_model.safetensors")]
+    (one, expected), (split, got) = runs["one-pass"], runs["pass-per-pair"]
+    for key in ("loss", "reward_margin", "reward_accuracy"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in split if "loss" in r]),
+                                   torch.tensor([r[key] for r in one if "loss" in r]), rtol=1e-5, atol=1e-6)
+    assert all(expected[k].abs().max() > 0 for k in expected if "lora_B" in k)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)  # Adam magnifies float rounding near zero
+
+
 def test_dpo_continues_an_sft_run_whose_model_is_the_reference(tmp_path, tiny_model_dir):
     from tests.test_sft import make_recipe
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ftune import distributed, models, outputs, training
+from ftune import attention, distributed, models, outputs, training
 from ftune.data.chat import make_formatter
 from ftune.data.pipeline import load_samples
 from ftune.errors import FtuneError
@@ -91,6 +91,8 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
     optimizer = training.make_optimizer(tc, model)
     scheduler = training.make_scheduler(tc, optimizer, total_steps)
     scorer, optimizer = ctx.accelerator.prepare(training.TokenLogProbs(model), optimizer)
+    # KTO's KL baseline is a mean over the micro-batch: split into passes, it would change.
+    budget = None if pref.method == "kto" else training.pass_budget(recipe, device)
     say(
         f"{pref.method} (beta {pref.beta}) from {'the SFT run ' + pref.init_from if pref.init_from else recipe.base_model.name}; "
         f"trainable {trainable:,} of {total:,} parameters\nsteps: {total_steps} ({steps_per_epoch} per epoch; "
@@ -135,9 +137,11 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
                 group = order[batch_index: batch_index + tc.gradient_accumulation_steps]
                 n_pairs = ctx.sum(sum(len(mb) for mb in group))
                 loss_total, metrics = 0.0, []
-                for pairs in group:
-                    losses, rewards = pair_losses(scorer, train_set, pairs, reference and reference["train"], pref, **batches)
-                    ctx.accelerator.backward(losses.sum() * (ctx.loss_scale(tc.gradient_accumulation_steps) / n_pairs))
+                passes = [part for pairs in group for part in training.split_passes(pairs, pair_sizes(train_set, pairs), budget, padded=False)]
+                for i, pairs in enumerate(passes):
+                    with ctx.accumulating(scorer, last=i == len(passes) - 1):
+                        losses, rewards = pair_losses(scorer, train_set, pairs, reference and reference["train"], pref, **batches)
+                        ctx.accelerator.backward(losses.sum() * (ctx.loss_scale(tc.gradient_accumulation_steps) / n_pairs))
                     loss_total += float(losses.detach().sum())
                     metrics.append((len(pairs), reward_metrics(rewards)))
                 grad_norm = ctx.accelerator.clip_grad_norm_(scorer.parameters(), tc.max_grad_norm or float("inf"))
@@ -174,6 +178,7 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
 
     if ctx.is_main:
         model = ctx.accelerator.unwrap_model(scorer).model
+        attention.disable(model)  # generation and saving use transformers' own attention
         outputs.save_trained(model, tokenizer, formatter, run_dir, recipe)
         samples = outputs.generate_samples(model, tokenizer, formatter, recipe, device)
         plot_losses(run_dir, run_dir / "loss.png")
@@ -206,6 +211,12 @@ def sft_run_inputs(run_dir: Path, recipe) -> tuple[Path, str]:
     if not (adapter / "adapter_model.safetensors").is_file():
         raise FtuneError(f"preference.init_from: {adapter} has no adapter_model.safetensors; ftune does not load pickle-based weights")
     return adapter, meta["base_model"]["path"]
+
+
+def pair_sizes(data: PairSet, pairs: list[int]) -> list[int]:
+    """Tokens of each pair (or KTO example): both its sequences, which are packed together."""
+    lengths = data.sequences.lengths()
+    return [int(lengths[2 * p] + lengths[2 * p + 1]) for p in pairs]
 
 
 def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:

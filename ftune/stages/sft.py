@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ftune import distributed, models, outputs, training
+from ftune import attention, distributed, models, outputs, training
 from ftune.data.chat import IGNORE, make_formatter
 from ftune.data.packing import collate, micro_batches
 from ftune.data.pipeline import prepare_sft
@@ -69,13 +69,16 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
     scheduler = training.make_scheduler(tc, optimizer, total_steps)
     scorer, optimizer = ctx.accelerator.prepare(training.TokenLogProbs(model), optimizer)
     rows_per_step = tc.batch_size * tc.gradient_accumulation_steps * ctx.world
+    budget = training.pass_budget(recipe, device)
     # e.g. 4 rows x 256 tokens x 1 accumulation x 1 process = 1,024 token slots per optimizer step.
     say(
         f"model: {recipe.base_model.name} ({dtype}, {device}{', 4-bit NF4' if recipe.quantization.load_in_4bit else ''}); "
         f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)\n"
         f"steps: {total_steps} ({steps_per_epoch} per epoch; {tc.batch_size} rows x {recipe.data.max_length} tokens "
         f"x {tc.gradient_accumulation_steps} accumulation x {ctx.world} process{'es' if ctx.world > 1 else ''} = "
-        f"{rows_per_step * recipe.data.max_length:,} token slots per step)", highlight=False,
+        f"{rows_per_step * recipe.data.max_length:,} token slots per step"
+        + (f", in passes of at most {budget:,} tokens" if budget and budget < tc.batch_size * recipe.data.max_length else "")
+        + ")", highlight=False,
     )
 
     step, epoch, batch_index = 0, 0, 0
@@ -105,13 +108,15 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
                                               packed=recipe.data.packing, seed=tc.seed, epoch=epoch), tc.batch_size)
             usable = len(batches) - len(batches) % tc.gradient_accumulation_steps
             while batch_index < usable and step < total_steps:
-                group = [training.move(collate(train_set, rows, tokenizer.pad_token_id, packed=recipe.data.packing), device)
-                         for rows in batches[batch_index: batch_index + tc.gradient_accumulation_steps]]
-                count = ctx.sum(sum(int((b["targets"] != IGNORE).sum()) for b in group))
+                passes = [training.move(collate(train_set, rows, tokenizer.pad_token_id, packed=recipe.data.packing), device)
+                          for micro_batch in batches[batch_index: batch_index + tc.gradient_accumulation_steps]
+                          for rows in training.split_passes(micro_batch, row_widths(train_set, micro_batch), budget)]
+                count = ctx.sum(sum(int((b["targets"] != IGNORE).sum()) for b in passes))
                 loss_total = 0.0
-                for batch in group:
-                    loss_sum, _ = training.sft_loss_sum(scorer, batch)
-                    ctx.accelerator.backward(loss_sum * (ctx.loss_scale(tc.gradient_accumulation_steps) / count))
+                for i, batch in enumerate(passes):
+                    with ctx.accumulating(scorer, last=i == len(passes) - 1):
+                        loss_sum, _ = training.sft_loss_sum(scorer, batch)
+                        ctx.accelerator.backward(loss_sum * (ctx.loss_scale(tc.gradient_accumulation_steps) / count))
                     loss_total += float(loss_sum.detach())
                 grad_norm = ctx.accelerator.clip_grad_norm_(scorer.parameters(), tc.max_grad_norm or float("inf"))
                 optimizer.step()
@@ -146,6 +151,7 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
     # Outputs (main process): adapter (or model) and tokenizer, written aside and renamed into place.
     if ctx.is_main:
         model = ctx.accelerator.unwrap_model(scorer).model
+        attention.disable(model)  # generation and saving use transformers' own attention
         outputs.save_trained(model, tokenizer, formatter, run_dir, recipe)
         samples = outputs.generate_samples(model, tokenizer, formatter, recipe, device)
         outputs.write_eval_prompts(run_dir, tokenizer, eval_set)
@@ -159,6 +165,12 @@ def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, re
         console.print(summary_table("sft finished", [(k, str(v)) for k, v in summary.items()] + [("run", str(run_dir))]))
     ctx.barrier()
     return run_dir
+
+
+def row_widths(data, rows: list[list[int]]) -> list[int]:
+    """Tokens in each row of a micro-batch (a row holds one sample, or several packed)."""
+    lengths = data.lengths()
+    return [int(sum(lengths[i] for i in row)) for row in rows]
 
 
 def count_steps(recipe, train_set, *, smoke: bool = False, world: int = 1) -> tuple[int, int]:
