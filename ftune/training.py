@@ -130,12 +130,12 @@ def sft_loss_sum(scorer, batch: dict) -> tuple[torch.Tensor, int]:
 def pass_budget(recipe, device) -> int | None:
     """Most tokens per forward/backward pass (None: a whole micro-batch in one pass).
 
-    On a CPU the default is one row of max_length tokens. Measured on the demo model
-    (scripts/bench.py, alpaca rows packed to 512 tokens): a micro-batch of 8 rows in one pass
-    peaks at 15 GiB resident and trains 78 tokens/s; in passes of one row, about 3 GiB and
-    faster. glibc keeps the large freed blocks of one pass in its heap, fragmented, so the
-    resident size grows far past what the live tensors need, and the matmuls, which already
-    run near the CPU's peak at 512 rows, gain nothing from more.
+    On a CPU the default is one row of max_length tokens. Measured on the demo model with
+    scripts/bench.py (alpaca rows packed to 512 tokens, 8 rows a step, 2 cores): 8 rows in one
+    pass peaked at 15 GiB resident; one row per pass at 3.1 GiB, and the step got faster, not
+    slower. glibc keeps the large blocks a pass frees in its heap, where they fragment, so the
+    resident size grows far past the live tensors, and the matmuls already run near the CPU's
+    peak on 512 tokens, so larger passes gain no arithmetic speed.
     """
     if recipe.training.tokens_per_pass is not None:
         return recipe.training.tokens_per_pass

@@ -1,25 +1,27 @@
 """`make bench`: ftune against TRL, side by side, on this machine; writes BENCHMARKS.md and bench.json.
 
-    python scripts/bench.py                        # the defaults (about 25-40 min on 2 CPU cores)
+    python scripts/bench.py                        # the defaults (about 25 min on 2 CPU cores)
     python scripts/bench.py --steps 6 --repeats 3  # steadier medians, about 3x longer
     python scripts/bench.py --skip dpo merge export
+    python scripts/bench.py --report-only bench.json   # rewrite BENCHMARKS.md from earlier figures
 
 What is measured, and how (BENCHMARKS.md repeats this next to the figures):
 - SFT: trained tokens per second (tokens whose label is not -100 after the shift, the
   tokens the loss sees) and peak resident memory, ftune's `sft` stage against TRL's
-  SFTTrainer with its defaults and with its own packing (packing=True, padding_free=True),
-  and ftune again with gradient checkpointing on (TRL's default), to compare memory like
-  with like.
+  SFTTrainer with its defaults and with its own packing (packing=True, padding_free=True);
+  `--with-checkpointing` adds ftune with gradient checkpointing on (TRL's default), to
+  compare memory like with like.
   Same demo model, rows, LoRA (r 16, alpha 32, all linear layers, dropout 0), learning
   rate, batch (8 rows), max length (512), float32, and answer-only loss on both sides.
+  Every side's timed steps cover about the same number of samples: TRL defaults (one
+  sample per row) runs more steps than the packed sides.
 - DPO: preference pairs per second and peak memory, ftune's `dpo` stage against TRL's
   DPOTrainer defaults, beta 0.1, batch 4 pairs, max length 512.
 - Each measured run is its own process (its peak RSS is its own), the sides are
   interleaved (A, B, C, A, B, C, ...), and the table gives medians over the repeats.
-  On a machine other processes are using, each run gets one torch thread (see pick_threads).
-  Model loading and tokenization are not timed; of `1 + steps` optimizer steps on each
-  side, the first is warm-up and the rest are timed, from the end of step 1 to the end of
-  the last step.
+  When other processes are using the CPUs, each run gets one torch thread (see pick_threads).
+  Model loading and tokenization are not timed; the first optimizer step of every run is
+  warm-up, and the window runs from its end to the end of the last step.
 - merge and GGUF export: scripts/bench_merge.py and scripts/bench_export.py, run as they are.
 - CLI start-up: `ftune --help` and `ftune validate`, against `python -c pass`.
 - The CPU's float32 matmul peak, and the share of it ftune reaches; on a CUDA GPU, a 1B
@@ -41,6 +43,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 import bench_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +65,7 @@ SEED = 42  # repeat i uses seed 42 + i on every side, so repeats draw different 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=400, help="SFT rows given to every side (default 400)")
-    parser.add_argument("--steps", type=int, default=1, help="timed optimizer steps per run, after 1 warm-up step (default 1)")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run, after 1 warm-up step (default 3)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side; the table shows medians (default 2)")
     parser.add_argument("--batch-size", type=int, default=8, help="SFT rows per step (default 8); DPO uses half, in pairs")
     parser.add_argument("--max-length", type=int, default=512, help="longest sequence in tokens (default 512)")
@@ -69,8 +73,13 @@ def main() -> None:
                         help="torch threads in every measured process; 0 (default): 1 when other processes are already "
                              "using more than half a core, else torch's default (one per core)")
     parser.add_argument("--startup-runs", type=int, default=5, help="runs of each start-up command (default 5)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["startup", "sft", "ftune-ckpt", "dpo", "merge", "export", "gpu"],
-                        help="parts to leave out (ftune-ckpt: the SFT side of ftune with gradient checkpointing)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["startup", "sft", "dpo", "merge", "export", "gpu"],
+                        help="parts to leave out")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the SFT runs, profile one more ftune run (torch.profiler, steps after the first) "
+                             "and put its top operations in BENCHMARKS.md")
+    parser.add_argument("--with-checkpointing", action="store_true",
+                        help="also run ftune with gradient checkpointing on (TRL's default), to compare memory like with like")
     parser.add_argument("--out", type=Path, default=ROOT, help="folder for BENCHMARKS.md and bench.json (default: the repo)")
     parser.add_argument("--report-only", type=Path, metavar="BENCH_JSON",
                         help="measure nothing: rewrite BENCHMARKS.md from an earlier bench.json")
@@ -271,8 +280,8 @@ def measure_startup(runs: int) -> dict:
 # --------------------------------------------------------------------------- data
 
 
-def sft_rows(n: int, max_length: int, model_dir: Path) -> tuple[list[dict], str]:
-    """The first n alpaca rows whose rendered conversation fits in max_length tokens."""
+def sft_rows(n: int, max_length: int, model_dir: Path) -> tuple[list[tuple[dict, object, int]], str]:
+    """The first n alpaca rows whose rendered conversation fits in max_length tokens: (row, chat, tokens)."""
     from ftune.data.formats import convert
 
     formatter = _formatter(model_dir)
@@ -284,8 +293,9 @@ def sft_rows(n: int, max_length: int, model_dir: Path) -> tuple[list[dict], str]
     kept = []
     for row in rows:
         chat = convert(row, fmt)
-        if len(formatter.encode(chat)[0]) <= max_length:
-            kept.append((row, chat))
+        tokens = len(formatter.encode(chat)[0])
+        if tokens <= max_length:
+            kept.append((row, chat, tokens))
         if len(kept) == n:
             break
     return kept, source
@@ -460,14 +470,22 @@ def summarize_trl_dpo(raw: dict) -> dict:
 
 def bench_sft(tmp: Path, model_dir: Path, args) -> dict:
     kept, source = sft_rows(args.rows, args.max_length, model_dir)
-    ftune_data = write_jsonl(tmp / "ftune.jsonl", [row for row, _ in kept])
+    ftune_data = write_jsonl(tmp / "ftune.jsonl", [row for row, _, _ in kept])
     # TRL gets the very conversations ftune renders (system turn added by the chat template on
     # both sides), as conversational prompt/completion rows: TRL's completion-only loss then
     # trains the answer and what the template appends to it (<|im_end|> and a newline).
     trl_data = write_jsonl(tmp / "trl.jsonl", [{"prompt": list(chat.messages[:-1]), "completion": [chat.messages[-1]]}
-                                                for _, chat in kept])
+                                                for _, chat, _ in kept])
     steps = 1 + args.steps
-    say(f"SFT: {len(kept)} rows from {source}, {steps} steps per run ({args.steps} timed), {args.repeats} repeats")
+    # Every side's timed steps cover about the same number of samples: a packed step (ftune,
+    # TRL packing) holds several samples per row, an unpacked one (TRL defaults) one.
+    from ftune.data.packing import pack
+
+    rows = pack(np.array([tokens for _, _, tokens in kept]), args.max_length)
+    per_packed_step = len(kept) / len(rows) * args.batch_size
+    unpacked_steps = 1 + max(args.steps, round(args.steps * per_packed_step / args.batch_size))
+    say(f"SFT: {len(kept)} rows from {source}, {args.repeats} repeats; {steps} steps per packed run ({args.steps} timed, "
+        f"about {per_packed_step:.0f} samples a step), {unpacked_steps} per unpacked run ({unpacked_steps - 1} timed)")
 
     def ftune_spec(checkpointing: bool):
         def make(repeat: int) -> dict:
@@ -480,18 +498,27 @@ def bench_sft(tmp: Path, model_dir: Path, args) -> dict:
 
     def trl_spec(packing: bool):
         def make(repeat: int) -> dict:
-            return {"kind": "sft", "model_dir": str(model_dir), "data": str(trl_data), "steps": steps, "batch_size": args.batch_size,
+            return {"kind": "sft", "model_dir": str(model_dir), "data": str(trl_data), "steps": steps if packing else unpacked_steps,
+                    "batch_size": args.batch_size,
                     "max_length": args.max_length, "learning_rate": SFT_LR, "lora": LORA, "packing": packing, "seed": SEED + repeat,
                     "output_dir": str(tmp / f"trl-{'packing' if packing else 'default'}-{repeat}")}
         return make
 
     sides = {"ftune": ("bench_ftune.py", ftune_spec(False), summarize_ftune_sft)}
-    if "ftune-ckpt" not in args.skip:
+    if args.with_checkpointing:
         sides[bench_report.FTUNE_CKPT] = ("bench_ftune.py", ftune_spec(True), summarize_ftune_sft)
     sides["TRL defaults"] = ("bench_trl.py", trl_spec(False), summarize_trl)
     sides["TRL packing"] = ("bench_trl.py", trl_spec(True), summarize_trl)
     runs = interleave(sides, args.repeats, tmp / "logs")
-    return {"rows": len(kept), "source": source, "runs": runs, "medians": medians(runs)}
+    out = {"rows": len(kept), "source": source, "samples_per_packed_step": per_packed_step, "unpacked_steps": unpacked_steps,
+           "runs": runs, "medians": medians(runs)}
+    if args.profile:
+        # A run of its own: the profiler's overhead stays out of the figures above.
+        say("SFT: profiling one more ftune run")
+        table = tmp / "profile.txt"
+        run_child("bench_ftune.py", {**ftune_spec(False)(args.repeats), "profile": str(table)}, tmp / "logs" / "ftune-profile.log")
+        out["profile"] = table.read_text()
+    return out
 
 
 def bench_dpo(tmp: Path, model_dir: Path, args) -> dict:

@@ -71,9 +71,8 @@ def render_markdown(report: dict) -> str:
         f"- date: {report['started']}",
         f"- machine: {m['cpu']}, {m['cores']} cores ({m['cpu_flags']}), {m['ram_gib']} GiB RAM"
         + (f", GPU {m['gpu']}" if m["gpu"] else ", no GPU"),
-        f"- load average before: {fmt_load(report['load_before'])}; after: {fmt_load(report['load_after'])}"
-        + (" -- other processes were using the CPUs; absolute figures are lower than on an idle machine, ratios"
-           " come from interleaved runs" if max(report["load_before"][0], report["load_after"][0], report["load_before"][1]) > 0.5 * (m["cores"] or 1) else ""),
+        f"- load average before: {fmt_load(report['load_before'])}; after: {fmt_load(report['load_after'])} "
+        "(it includes the benchmark's own runs; what other processes used is on the next line)",
         f"- torch threads per measured process: **{report['threads']['threads']}** ({report['threads']['why']})",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),
         (f"- fp32 matmul peak on this machine (best of {report['matmul_peak']['tries']} x {report['matmul_peak']['n']}^2 torch.matmul, "
@@ -108,7 +107,9 @@ def _sft_section(report: dict) -> list[str]:
         "",
         (f"{sft['rows']} rows of `{Path(sft['source']).name}`, demo model ({model['params'] / 1e6:.1f}M parameters), "
         f"batch {s['batch_size']} rows, max length {s['max_length']}, float32, LoRA r {s['lora']['r']} / alpha {s['lora']['alpha']} "
-        f"on all linear layers, lr {s['sft_learning_rate']}; 1 warm-up + {s['steps']} timed steps per run, medians of {s['repeats']} runs per side."),
+        f"on all linear layers, lr {s['sft_learning_rate']}; 1 warm-up + {s['steps']} timed steps per packed run (about "
+        f"{sft.get('samples_per_packed_step', 0):.0f} samples a step), 1 + {sft.get('unpacked_steps', 1 + s['steps']) - 1} for TRL defaults "
+        f"(one sample per row), medians of {s['repeats']} runs per side."),
         "",
         "| side | trained tokens/s | ftune is | trained tokens per CPU-s | real tokens/s | token slots/step | peak RSS MiB | timed s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -136,6 +137,16 @@ def _sft_section(report: dict) -> list[str]:
         lines.append(f"- {name} by the same formula: {100 * 4 * model['params'] * v['real_tokens_per_s'] / 1e9 / peak:.0f}% of peak"
                      + (" (its gradient checkpointing also recomputes the forward, another 2N not counted)" if checkpointing else ""))
     lines.append("")
+    if sft.get("profile"):
+        lines += [
+            "Where ftune's SFT step spends its time (`--profile`: torch.profiler over the steps after the first of one more "
+            "ftune run, operations by self CPU time):",
+            "",
+            "```",
+            *[line[:150].rstrip() for line in sft["profile"].strip().splitlines()[:24]],
+            "```",
+            "",
+        ]
     return lines
 
 
@@ -221,7 +232,7 @@ def _method_section(report: dict) -> list[str]:
         "read at the end of the last training step (model loading included), so it is per run. Sides run interleaved "
         "(ftune, TRL defaults, TRL packing, ftune, ...)."),
         ("- Timed window: from the end of optimizer step 1 (warm-up) to the end of the last step, the same on both sides; "
-        "model loading, tokenization and TRL's dataset preparation are outside it. Both sides run the same number of steps."),
+        "model loading, tokenization and TRL's dataset preparation are outside it."),
         ("- ftune: the real stage, `ftune.stages.sft.run` / `ftune.stages.dpo.run`, on a recipe written for the run (data as a "
         "local JSONL, `max_steps`, `logging_steps: 1`, `eval_fraction: 0`, no checkpoints, no evaluation prompts). Its "
         "metrics.jsonl logs `tokens_per_s` (trained tokens so far / seconds since just before step 1); with each step's trained "
@@ -242,11 +253,16 @@ def _method_section(report: dict) -> list[str]:
         ("- TRL packing: `packing=True, padding_free=True` (packing_strategy "
         f"{trl_p.get('packing_strategy', 'bfd')}, the default): rows packed to max_length and flattened into one sequence with "
         "position ids. ftune packs by default (best-fit decreasing into rows of max_length, position ids restart per sample)."),
-        ("- Samples: every side gets the same rows; a packed step holds ~4x more samples than an unpacked one, so throughput is "
-        "compared in trained tokens per second, not samples."),
+        ("- Samples: every side gets the same rows, and its timed steps cover about the same number of samples: a packed "
+        "step (ftune, TRL packing) holds several samples per row, so TRL defaults, one sample per row, runs proportionally "
+        "more steps. Throughput is compared in trained tokens per second."),
+        ("- Passes: ftune runs each step's rows through the model one row (512 tokens) at a time and sums the gradients, "
+        "its CPU default (`training.tokens_per_pass`, unset: `data.max_length` on a CPU); the update is the same as one "
+        "pass over the 8 rows (tests/test_sft.py checks it), the peak memory is a row's activations instead of 8 rows'. "
+        "TRL runs each micro-batch in one pass."),
         ("- Gradient checkpointing: off in ftune's recipe default (`training.gradient_checkpointing: false`), on in TRL's "
-        f"defaults; that choice dominates both the speed and the memory columns. The side \"{FTUNE_CKPT}\" runs ftune "
-        "with it on, to compare like with like (`--skip ftune-ckpt` leaves it out)."),
+        f"defaults (it recomputes the forward pass in the backward, about a third more arithmetic). The side \"{FTUNE_CKPT}\" "
+        "runs ftune with it on, to compare like with like (`--with-checkpointing`)."),
         ("- Repeats: repeat i uses seed 42 + i on every side (data order, packing order, LoRA initialisation), so the "
         "repeats time different batches; the table gives medians over them."),
         ("- Peak RSS includes the float32 weights (~0.5 GiB for the demo model), the libraries (~0.4 GiB) and, above all, "
