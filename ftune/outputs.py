@@ -102,8 +102,19 @@ def launch_distributed(stage: str, recipe, recipe_path: Path, overrides, run_dir
     console.print(f"launching {dist.num_processes} processes ({dist.backend}) with accelerate; config: {run_dir / distributed.CONFIG_FILE}")
     code = distributed.launch(stage, recipe_path, argv, run_dir, config)
     if code != 0:
+        # Ctrl-C reaches torch's launcher too, which may exit 1 from its own signal handler
+        # after the processes checkpointed and stopped cleanly: the run says what happened.
+        if _run_status(run_dir) == "interrupted":
+            code = 130
         raise LaunchFailed(stage, code)
     return run_dir
+
+
+def _run_status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError):
+        return None
 
 
 def plan_run_dir(run_dir: Path, recipe, *, resume: bool, overwrite: bool) -> RunPlan:
