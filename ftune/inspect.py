@@ -79,7 +79,7 @@ class Inspection:
 def inspect_recipe(recipe_path: Path, overrides: list[str] = ()) -> Inspection:
     from transformers import AutoConfig
 
-    from ftune.stages.sft import count_steps
+    from ftune.stages.sft import count_steps, row_widths
 
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path, overrides)
@@ -107,8 +107,7 @@ def inspect_recipe(recipe_path: Path, overrides: list[str] = ()) -> Inspection:
     # Per process: each micro-batch of batch_size x world rows is shared out, batch_size rows each.
     batches = micro_batches(train, max_length=max_length, batch_size=tc.batch_size * world, packed=recipe.data.packing,
                             seed=tc.seed, epoch=0)
-    lengths = train.lengths()
-    row_lengths = [[int(sum(lengths[i] for i in row)) for row in batch] for batch in batches]
+    row_lengths = [row_widths(train, batch) for batch in batches]
     if recipe.data.packing:
         slots = sum(len(b) for b in batches) * max_length
     else:

@@ -18,7 +18,7 @@ from ftune import training
 from ftune.errors import FtuneError
 from ftune.progress import console
 from ftune.recipe import recipe_to_yaml
-from ftune.runs import ADAPTER_DIR, MODEL_DIR, RUN_FILE, atomic_dir, atomic_file, package_versions, write_json
+from ftune.runs import ADAPTER_DIR, MODEL_DIR, RUN_FILE, atomic_dir, atomic_file, package_versions, read_run, write_json
 
 
 class Interrupted(FtuneError):
@@ -104,17 +104,13 @@ def launch_distributed(stage: str, recipe, recipe_path: Path, overrides, run_dir
     if code != 0:
         # Ctrl-C reaches torch's launcher too, which may exit 1 from its own signal handler
         # after the processes checkpointed and stopped cleanly: the run says what happened.
-        if _run_status(run_dir) == "interrupted":
-            code = 130
+        try:
+            if read_run(run_dir).get("status") == "interrupted":
+                code = 130
+        except FtuneError:  # no readable run.json: the processes never got that far
+            pass
         raise LaunchFailed(stage, code)
     return run_dir
-
-
-def _run_status(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8")).get("status")
-    except (OSError, ValueError):
-        return None
 
 
 def plan_run_dir(run_dir: Path, recipe, *, resume: bool, overwrite: bool) -> RunPlan:

@@ -17,28 +17,18 @@ import pytest
 from ftune import chat
 from ftune.evaluate import run_eval
 from ftune.stages import sft
+from tests.test_sft import make_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = chat.Sampling(max_new_tokens=6, temperature=0.0)
-ROWS = [
-    {"messages": [{"role": "user", "content": f"What is the code word {i}?"}, {"role": "assistant", "content": "The code word is pineapple."}]}
-    for i in range(24)
-]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A finished LoRA run on the tiny model that has learned the code word."""
     root = tmp_path_factory.mktemp("tiny-run")
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    recipe = root / "recipe.yaml"
-    recipe.write_text(
-        f"stage: sft\nbase_model: {{name: {tiny_model_dir}}}\n"
-        "data:\n  train: [{path: train.jsonl}]\n  eval_fraction: 0.25\n  max_length: 64\n"
-        "adapter: {r: 8, alpha: 16}\n"
-        "training:\n  learning_rate: 2.0e-2\n  batch_size: 2\n  max_steps: 8\n  warmup_ratio: 0\n"
-        "output: {dir: run}\n"
-    )
+    recipe = make_recipe(root, tiny_model_dir)
+    recipe.write_text(recipe.read_text().replace("max_steps: 6\n  eval_steps: 3\n", "max_steps: 8\n"))
     return sft.run(recipe)
 
 
