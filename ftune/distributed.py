@@ -12,7 +12,9 @@ use. FSDP and DeepSpeed need GPUs; their configs are generated and checked all t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +22,26 @@ from pathlib import Path
 import yaml
 
 from ftune.errors import FtuneError
+from ftune.recipe import DistributedSection, Recipe
 from ftune.runs import atomic_file
 
 LAUNCHED_ENV = "FTUNE_LAUNCHED"
 CONFIG_FILE = "accelerate_config.yaml"
+# `accelerate launch`, without the log lines and the traceback torch's launcher adds when a
+# process exits non-zero or a signal is passed on: every process has said what went wrong
+# (rank 0 for all), and ftune's own message follows.
+LAUNCHER = """import logging, sys
+from accelerate.commands.launch import main
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+try:
+    main()
+except ChildFailedError as failed:
+    sys.exit(max((f.exitcode for f in failed.failures.values() if f.exitcode > 0), default=1))
+"""
 
 
-def accelerate_config(dist, *, cuda: bool, gradient_accumulation_steps: int, layer_class: str | None = None) -> dict:
+def accelerate_config(dist: DistributedSection, *, cuda: bool, gradient_accumulation_steps: int, layer_class: str | None = None) -> dict:
     """The accelerate config file contents for a recipe's distributed section."""
     config: dict = {
         "compute_environment": "LOCAL_MACHINE",
@@ -96,21 +111,102 @@ def is_launched() -> bool:
     return os.environ.get(LAUNCHED_ENV) == "1"
 
 
+class LaunchFailed(FtuneError):
+    def __init__(self, stage: str, code: int):
+        if code == 130:
+            super().__init__(f"the distributed {stage} run was interrupted; the processes' messages above say how to resume it, if it began")
+        else:
+            super().__init__(f"the distributed {stage} run failed (exit code {code}); see the processes' messages above")
+        self.exit_code = code
+
+
+def launch_distributed(stage: str, recipe: Recipe, recipe_path: Path, overrides, run_dir: Path, base_dir: Path, *,
+                       smoke: bool, resume: bool, overwrite: bool) -> Path:
+    """Decide fresh run or resume once, then run the stage in `num_processes` processes.
+
+    The main machine's launcher plans the run directory and holds its lock for its processes;
+    another machine's launcher only starts processes that compute (rank 0 writes).
+    """
+    from ftune import runs
+
+    with contextlib.ExitStack() as held:
+        if not run_dir.exists():
+            held.callback(_remove_unused, run_dir)
+        if recipe.distributed.machine_rank == 0:
+            # --smoke replaces its own previous smoke run (ftune's, the ownership rule still applies)
+            plan = runs.plan_run_dir(run_dir, recipe, recipe_path, resume=resume, overwrite=overwrite or smoke)
+            held.enter_context(runs.start_run_dir(run_dir, plan))
+        code = _launch(stage, recipe, recipe_path, overrides, run_dir, base_dir, smoke=smoke)
+        if code != 0:
+            # torch's launcher may exit 1 from its own signal handler after the processes
+            # checkpointed and stopped cleanly: the run says what happened.
+            try:
+                if runs.read_run(run_dir).status == "interrupted":
+                    code = 130
+            except FtuneError:  # no readable run.json: the processes never got that far
+                pass
+            raise LaunchFailed(stage, code)
+    return run_dir
+
+
+def _remove_unused(run_dir: Path) -> None:
+    """A launch whose processes stopped before writing a run leaves no directory behind."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {CONFIG_FILE}:
+        (run_dir / CONFIG_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
+
+
+def _launch(stage: str, recipe: Recipe, recipe_path: Path, overrides, run_dir: Path, base_dir: Path, *, smoke: bool) -> int:
+    import torch
+
+    from ftune import models
+    from ftune.progress import console
+
+    dist = recipe.distributed
+    layer_class = None
+    if dist.backend == "fsdp":
+        model_path = models.resolve_model_path(recipe.base_model.name, revision=recipe.base_model.revision, base_dir=base_dir)
+        layer_class = decoder_layer_class(model_path, recipe.base_model.trust_remote_code)
+    config = accelerate_config(dist, cuda=torch.cuda.is_available(), layer_class=layer_class,
+                               gradient_accumulation_steps=recipe.training.gradient_accumulation_steps)
+    argv = [item for o in overrides for item in ("--set", o)] + (["--smoke"] if smoke else [])
+    console.print(f"launching {dist.num_processes} processes ({dist.backend}) with accelerate; config: {run_dir / CONFIG_FILE}")
+    return launch(stage, recipe_path, argv, run_dir, config)
+
+
 def launch(stage: str, recipe_path: Path, argv: list[str], run_dir: Path, config: dict) -> int:
-    """Write the accelerate config into the run directory and run the stage under `accelerate launch`."""
+    """Write the accelerate config into the run directory and run the stage under `accelerate launch`.
+
+    The launcher runs in a session of its own, so a terminal's Ctrl-C reaches this process
+    only, which passes each SIGINT/SIGTERM on once: torch's launcher hands it to every
+    process of the run, and each of them sees one signal (a second would mean "stop at once").
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / CONFIG_FILE
     with atomic_file(config_path) as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
-               "-m", "ftune", stage, str(recipe_path), *argv]
+    command = [sys.executable, "-c", LAUNCHER, "--config_file", str(config_path), "-m", "ftune", stage, str(recipe_path), *argv]
     env = {**os.environ, LAUNCHED_ENV: "1"}
     try:
-        return subprocess.run(command, env=env).returncode
-    except KeyboardInterrupt:
-        return 130
+        child = subprocess.Popen(command, env=env, start_new_session=True)
     except OSError as exc:
         raise FtuneError(f"cannot start accelerate: {exc}") from None
+
+    stopped = []
+
+    def forward(signum, frame) -> None:
+        stopped.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+        return 130 if code != 0 and stopped else code  # torch's launcher reports a stopped run as failed
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Context:
@@ -160,17 +256,6 @@ class Context:
         if self.world == 1:
             return value
         return float(self.accelerator.reduce(torch.tensor([float(value)], device=self.device), "sum")[0])
-
-    def shard(self, batches: list, batch_size: int) -> list:
-        """This process's part of each global micro-batch (`batch_size` items each).
-
-        A global micro-batch too small to give every process a full share is dropped, so
-        all processes run the same number of steps.
-        """
-        if self.world == 1:
-            return batches
-        lo, hi = self.rank * batch_size, (self.rank + 1) * batch_size
-        return [mb[lo:hi] for mb in batches if len(mb) >= self.world * batch_size]
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -13,8 +13,10 @@ Models are loaded one at a time and freed before the next.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import math
+import numbers
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,9 +26,9 @@ from ftune.data.chat import IGNORE
 from ftune.data.packing import Encoded, collate
 from ftune.errors import FtuneError
 from ftune.recipe import Recipe, load_recipe
-from ftune.runs import package_versions, write_json
+from ftune.runs import RECIPE_FILE, package_versions, read_run, write_json
 
-LM_EVAL_INSTALL = "pip install 'lm-eval[hf]'"
+LM_EVAL_INSTALL = "pip install 'ftune[lm-eval]' (lm-eval alone: pip install 'lm-eval[hf]')"
 GREEDY = chat.Sampling(max_new_tokens=64, temperature=0.0)
 
 
@@ -41,24 +43,56 @@ def run_eval(
     prompts: list[str] = (),
     sampling: chat.Sampling = GREEDY,
     lm_eval_tasks: list[str] = (),
+    lm_eval_include: list[Path] = (),
     lm_eval_limit: int | None = None,
+    trust_remote_code: bool = False,
     out: Path | None = None,
     say: Callable[[str], None] = print,
 ) -> dict:
-    """Score every model in `specs`; returns (and writes to `out`) the results as a dict."""
+    """Score every model in `specs`; returns (and writes to `out`) the results as a dict.
+
+    With neither a recipe nor a data file, nor prompts or lm-eval tasks, a run among the
+    models is scored on its own recipe's held-out split. Python shipped with a model runs only
+    with `trust_remote_code` (the command line) or the user's own recipe asking for it.
+    """
     if not specs:
         raise FtuneError("name at least one model to evaluate")
     if recipe_path is not None and data is not None:
         raise FtuneError("pass --recipe or --data, not both")
-    if lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
-        raise FtuneError("--lm-eval-tasks needs lm-evaluation-harness, which is not installed", hint=f"install it with: {LM_EVAL_INSTALL}")
-    if recipe_path is None and data is None and not prompts and not lm_eval_tasks:
-        raise FtuneError("nothing to evaluate", hint="pass --recipe or --data for held-out loss, and/or --prompt for answers side by side")
-    targets = [chat.resolve(spec) for spec in specs]  # every name checked before any model loads
+    for option, value in (("--max-samples", max_samples), ("--lm-eval-limit", lm_eval_limit), ("--max-length", max_length)):
+        if value is not None and value < 1:
+            raise FtuneError(f"{option} {value}: must be at least 1")
+    if lm_eval_include and not lm_eval_tasks:
+        raise FtuneError("--lm-eval-include adds task folders for --lm-eval-tasks, and no task is named",
+                         hint="name the tasks, groups or tags to run with --lm-eval-tasks NAME[,NAME...]")
+    from ftune.reward import reward_model_kind
 
-    recipe, eval_set, tokenizer = None, None, None
-    if recipe_path is not None or data is not None:
-        recipe, eval_set, tokenizer, source = eval_data(targets, recipe_path, overrides, data, max_length, max_samples)
+    if any(reward_model_kind(Path(spec)) for spec in specs):  # a reward model scores pairs, not answers (scoring.py)
+        from ftune.scoring import evaluate_reward_models
+
+        if prompts or lm_eval_tasks:
+            raise FtuneError("a reward model writes no answers and runs no lm-eval tasks", hint="drop --prompt/--lm-eval-tasks")
+        results = evaluate_reward_models(list(specs), recipe_path=recipe_path, overrides=list(overrides), data=data, max_length=max_length,
+                                         max_samples=max_samples, trust_remote_code=trust_remote_code, say=say)
+        if out is not None:
+            write_json(Path(out), results)
+        return results
+    user_recipe = load_recipe(Path(recipe_path), overrides) if recipe_path is not None else None
+    trust = trust_remote_code or bool(user_recipe is not None and user_recipe.base_model.trust_remote_code)
+    # Every name is checked before any model loads: the models, then the lm-eval tasks.
+    targets = [dataclasses.replace(chat.resolve(spec), trust_remote_code=trust) for spec in specs]
+    harness = LmEvalTasks.check(list(lm_eval_tasks), list(lm_eval_include)) if lm_eval_tasks else None
+
+    held_out: HeldOut | None = None
+    if user_recipe is not None:
+        held_out = HeldOut(user_recipe, Path(recipe_path).parent.resolve(), Path(recipe_path))
+    elif data is None and not prompts and harness is None:
+        held_out = own_recipe(targets, overrides)
+    elif overrides:
+        raise FtuneError("--set changes a recipe key, and no recipe is read here", hint="pass it with --recipe, or drop it")
+    recipe, eval_set, tokenizer, source = None, None, None, None
+    if held_out is not None or data is not None:
+        recipe, eval_set, tokenizer, source = eval_data(targets, held_out, data, max_length, max_samples, trust)
         say(f"eval data: {source}: {len(eval_set)} samples, {eval_set.trained_tokens():,} answer tokens")
 
     results: dict = {"data": None, "models": [], "generations": [], "lm_eval": {}, "sampling": dataclasses.asdict(sampling),
@@ -76,8 +110,8 @@ def run_eval(
             if eval_set is not None:
                 row |= score(loaded, eval_set, recipe, tokenizer)
             answers[target.spec] = [chat.answer(loaded, [{"role": "user", "content": p}], sampling) for p in prompts]
-            if lm_eval_tasks:
-                results["lm_eval"][target.spec] = lm_eval_scores(loaded, list(lm_eval_tasks), lm_eval_limit, say)
+            if harness is not None:
+                results["lm_eval"][target.spec] = harness.run(loaded, lm_eval_limit, say)
             for note in getattr(loaded, "notes", []):
                 say(f"  note: {note}")
                 row.setdefault("notes", []).append(note)
@@ -91,17 +125,70 @@ def run_eval(
     return results
 
 
-def eval_data(targets: list[chat.Target], recipe_path, overrides, data, max_length: int, max_samples: int | None):
-    """(recipe, eval set, tokenizer, description): the recipe's held-out split, or a data file as a whole."""
-    from ftune.data.chat import make_formatter
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """A recipe whose held-out split is scored, the folder its data paths are relative to, and how to name it."""
+
+    recipe: Recipe
+    base_dir: Path
+    path: Path  # the recipe file, named in messages
+    tokenizer: Path | None = None  # a run's own tokenizer (saved with its adapter), else the recipe's base model's
+
+
+def own_recipe(targets: list[chat.Target], overrides: list[str]) -> HeldOut:
+    """The held-out split of the first run among the models, from the recipe saved in it."""
+    runs = [t for t in targets if t.kind == "run" and (Path(t.spec).expanduser() / RECIPE_FILE).is_file()]
+    if not runs:
+        raise FtuneError("nothing to evaluate",
+                         hint="pass --recipe or --data for held-out loss (a run directory uses its own recipe), "
+                              "--prompt for answers side by side, or --lm-eval-tasks")
+    run_dir = Path(runs[0].spec).expanduser()
+    # A run directory may come from anyone: its recipe's trust_remote_code is switched off, and
+    # trust comes from the command line alone.
+    recipe = load_recipe(run_dir / RECIPE_FILE, overrides)
+    recipe = recipe.model_copy(update={"base_model": recipe.base_model.model_copy(update={"trust_remote_code": False})})
+    if recipe.stage != "sft":
+        raise FtuneError(f"{run_dir} is a {recipe.stage} run: its held-out data is preference pairs, and `ftune eval` scores "
+                         "the loss of answers", place=str(run_dir / RECIPE_FILE),
+                         hint="pass --data FILE with answer rows, or --recipe with the SFT stage's recipe")
+    return HeldOut(recipe, recipe_dir(run_dir, recipe), run_dir / RECIPE_FILE, tokenizer=runs[0].tokenizer)
+
+
+def recipe_dir(run_dir: Path, recipe: Recipe) -> Path:
+    """The folder the run's recipe was in: its relative data paths start there.
+
+    run.json records it; a run written before it did is matched by where its output.dir
+    leads from each folder above it. A guess is never made: a wrong folder could hold
+    other files of the same names.
+    """
+    recorded = read_run(run_dir).get("recipe_dir")
+    if isinstance(recorded, str) and Path(recorded).is_dir():
+        return Path(recorded)
+    here = run_dir.resolve()
+    output = Path(recipe.output.dir).expanduser()
+    if not output.is_absolute():
+        for folder in here.parents:
+            target = (folder / output).resolve()
+            if here in (target, target.with_name(target.name + "-smoke")):
+                return folder
+    paths = [Path(s.path).expanduser() for s in (*recipe.data.train, *recipe.data.eval)]
+    if all(p.is_absolute() for p in paths):
+        return run_dir
+    where = f"recorded as {recorded}, which does not exist here" if isinstance(recorded, str) else "not recorded in run.json"
+    raise FtuneError(f"the recipe saved in {run_dir} reads its data relative to the folder the recipe was in, {where}",
+                     hint="pass --recipe with the recipe it was trained from, or --data FILE")
+
+
+def eval_data(targets: list[chat.Target], held_out: HeldOut | None, data: Path | None, max_length: int,
+              max_samples: int | None, trust: bool):
+    """(recipe, eval set, tokenizer, description): a recipe's held-out split, or a data file as a whole."""
+    from ftune.data.chat import formatter_for
     from ftune.data.pipeline import prepare_sft
 
-    if recipe_path is not None:
-        recipe_path = Path(recipe_path)
-        recipe = load_recipe(recipe_path, overrides)
-        base_dir = recipe_path.parent.resolve()
-        tokenizer_dir = models.resolve_model_path(recipe.base_model.name, revision=recipe.base_model.revision, base_dir=base_dir)
-        source = f"{recipe_path} (held-out split)"
+    if held_out is not None:
+        recipe, base_dir, source = held_out.recipe, held_out.base_dir, f"{held_out.path} (held-out split)"
+        tokenizer_dir = str(held_out.tokenizer) if held_out.tokenizer is not None else models.resolve_model_path(
+            recipe.base_model.name, revision=recipe.base_model.revision, base_dir=base_dir)
     else:
         reference = next((t for t in targets if t.kind != "gguf"), None)
         if reference is None:
@@ -118,16 +205,16 @@ def eval_data(targets: list[chat.Target], recipe_path, overrides, data, max_leng
         })
         source = str(data)
     models.quiet_libraries()
-    tokenizer = models.load_tokenizer(tokenizer_dir, trust_remote_code=recipe.base_model.trust_remote_code)
-    formatter = make_formatter(tokenizer, chat_template=recipe.data.chat_template, system_prompt=recipe.data.system_prompt,
-                               train_on=recipe.data.train_on)
-    train, held_out, _report = prepare_sft(recipe, tokenizer, formatter, base_dir=base_dir, cache_root=models.cache_dir() / "data")
-    eval_set = held_out if recipe_path is not None else train
+    tokenizer = models.load_tokenizer(tokenizer_dir, trust_remote_code=trust)
+    formatter = formatter_for(tokenizer, recipe.data, base_dir=base_dir)
+    train, evaluation, _report = prepare_sft(recipe, tokenizer, formatter, base_dir=base_dir, cache_root=models.cache_dir() / "data")
+    eval_set = evaluation if held_out is not None else train
     limit = max_samples or recipe.evaluation.max_eval_samples
     if limit:
         eval_set = eval_set.head(limit)
     if not len(eval_set):
-        raise FtuneError("the recipe holds out no eval data", place=str(recipe_path), hint="set data.eval or data.eval_fraction")
+        raise FtuneError("the recipe holds out no eval data", place=str(held_out.path) if held_out else str(data),
+                         hint="set data.eval or data.eval_fraction")
     return recipe, eval_set, tokenizer, source
 
 
@@ -137,19 +224,22 @@ def score(loaded, eval_set: Encoded, recipe, tokenizer) -> dict:
         result = gguf_loss(loaded, eval_set, tokenizer)
     else:
         from ftune import training
-        from ftune.stages.sft import evaluate
 
         if loaded.tokenizer.get_vocab() != tokenizer.get_vocab():
             raise FtuneError(f"{loaded.target.spec} uses a different tokenizer from the eval data's; "
                              "losses over different tokens cannot be compared", hint="evaluate it with its own --recipe or --data run")
         scorer = training.TokenLogProbs(loaded.model)
-        result = evaluate(scorer, eval_set, recipe=recipe, pad_id=tokenizer.pad_token_id, device=loaded.device)
+        result = training.sft_eval(scorer, eval_set, recipe=recipe, pad_id=tokenizer.pad_token_id, device=loaded.device)
         loaded.model.eval()  # evaluate leaves the model in training mode, as the training loop wants it
     return result
 
 
-def gguf_loss(loaded: chat.GGUFModel, eval_set: Encoded, tokenizer) -> dict:
-    """The loss over the same answer tokens, from llama.cpp's logits at every position."""
+def gguf_loss(loaded: chat.GGUFModel, eval_set: Encoded, tokenizer, *, each: Callable | None = None) -> dict:
+    """The loss over the same answer tokens, from llama.cpp's logits at every position.
+
+    `each(ids, logits, keep)` sees every scored sample's logits and answer-position mask: the
+    quantization report compares them with another file's on the same tokens (gguf/report.py).
+    """
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -174,21 +264,108 @@ def gguf_loss(loaded: chat.GGUFModel, eval_set: Encoded, tokenizer) -> dict:
         logits = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
         total += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
         count += int(keep.sum())
+        if each is not None:
+            each(ids.tolist(), logits, keep)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
 
-def lm_eval_scores(loaded, tasks: list[str], limit: int | None, say: Callable[[str], None]) -> dict:
-    """lm-evaluation-harness results for a transformers model (GGUF files are skipped)."""
-    if isinstance(loaded, chat.GGUFModel):
-        say(f"  lm-eval: skipped for {loaded.target.spec} (it evaluates transformers models)")
-        return {}
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+class LmEvalTasks:
+    """lm-evaluation-harness tasks, checked by name before any model loads, then run on each model.
 
-    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=1)
-    output = simple_evaluate(model=lm, tasks=tasks, limit=limit)
-    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))} for task, metrics in output["results"].items()}
+    A name is a task, group or tag lm-eval knows (its own, or from an --lm-eval-include
+    folder), a glob over those names, or a task YAML file. lm-eval's own errors come back as
+    ftune errors naming the tasks.
+    """
+
+    def __init__(self, manager, names: list[str]):
+        self.manager, self.names = manager, names
+
+    @classmethod
+    def check(cls, names: list[str], include: list[Path]) -> LmEvalTasks:
+        if importlib.util.find_spec("lm_eval") is None:
+            raise FtuneError("--lm-eval-tasks needs lm-evaluation-harness, which is not installed", hint=f"install it with: {LM_EVAL_INSTALL}")
+        for folder in include:
+            if not Path(folder).is_dir():
+                raise FtuneError(f"--lm-eval-include {folder}: no such directory", hint="name a folder of lm-eval task YAML files")
+        models.quiet_libraries()
+        from lm_eval.tasks import TaskManager
+
+        try:
+            manager = TaskManager(include_path=[str(Path(f).resolve()) for f in include] or None)
+        except Exception as exc:  # a malformed YAML in the folder, a bad !function: lm-eval's message says which
+            raise FtuneError(f"lm-eval cannot read the task folders {', '.join(map(str, include))}: {_reason(exc)}") from None
+        known = manager.all_tasks
+        resolved: list[str] = []
+        for name in names:
+            if name in known:
+                resolved.append(name)
+            elif Path(name).suffix in (".yaml", ".yml"):
+                if not Path(name).is_file():
+                    raise FtuneError(f"--lm-eval-tasks {name}: no such task file")
+                resolved.append(str(Path(name).resolve()))
+            elif any(c in name for c in "*?["):
+                matched = manager.match_tasks([name])
+                if not matched:
+                    raise FtuneError(f"--lm-eval-tasks {name}: the pattern matches no lm-eval task, group or tag")
+                resolved.extend(m for m in matched if m not in resolved)
+            else:
+                close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+                guess = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise FtuneError(f"--lm-eval-tasks {name}: lm-eval knows no task, group or tag of that name{guess}",
+                                 hint="list them with `lm-eval ls tasks`; a folder of your own task YAML files goes in with "
+                                      "--lm-eval-include DIR")
+        # Built once here, datasets and all, so a task that cannot load fails before any model
+        # does; each model then gets freshly built tasks (lm-eval keeps per-run state in them).
+        try:
+            manager.load(resolved)
+        except Exception as exc:
+            raise FtuneError(f"lm-eval cannot load {', '.join(resolved)}: {_reason(exc)}") from None
+        return cls(manager, resolved)
+
+    def run(self, loaded, limit: int | None, say: Callable[[str], None]) -> dict:
+        """{task or group: {"metrics": {name: value}, "samples": n}} for a transformers model (GGUF files are skipped)."""
+        if isinstance(loaded, chat.GGUFModel):
+            say(f"  lm-eval: skipped for {loaded.target.spec} (it evaluates transformers models)")
+            return {}
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        try:
+            lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=1, backend="causal")
+            output = simple_evaluate(model=lm, tasks=list(self.names), limit=limit, task_manager=self.manager, log_samples=False)
+        except FtuneError:
+            raise
+        except Exception as exc:  # a dataset that cannot be read, a template that fails on a row, ...
+            raise FtuneError(f"lm-eval failed on {', '.join(self.names)} with {loaded.target.spec}: {_reason(exc)}") from None
+        counts = output.get("n-samples", {})
+        scores = {}
+        for name, section in {**output.get("results", {}), **output.get("groups", {})}.items():
+            samples = section.get("sample_len", counts.get(name, {}).get("effective"))
+            scores[name] = {"metrics": lm_eval_metrics(section), "samples": samples if isinstance(samples, int) else None}
+        return scores
+
+
+def lm_eval_metrics(section: dict) -> dict:
+    """The scores in one lm-eval result: its 'metric,filter' entries, named 'metric' for the unfiltered ones.
+
+    The rest (alias, name, sample_len, sample_count) is bookkeeping, not a score; an
+    undefined value (a standard error over one sample) is None.
+    """
+    found = {}
+    for key, value in section.items():
+        if "," not in key or isinstance(value, bool) or not isinstance(value, numbers.Real):
+            continue
+        metric, _, filtered = key.partition(",")
+        value = float(value)
+        found[metric if filtered == "none" else f"{metric} ({filtered})"] = value if math.isfinite(value) else None
+    return found
+
+
+def _reason(exc: BaseException) -> str:
+    # A KeyError's str() quotes its message; the message itself reads better.
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) else str(exc)
+    return f"{type(exc).__name__}: {text.strip()}" if text.strip() else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- showing it
@@ -198,6 +375,10 @@ def print_results(results: dict, console) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    if results.get("reward_models"):
+        from ftune.scoring import print_results as print_pairwise
+
+        return print_pairwise(results, console)
     if results["data"]:
         table = Table(title=f"held-out loss on {results['data']['source']}")
         for column in ("model", "kind", "eval loss", "perplexity", "answer tokens"):
@@ -216,8 +397,10 @@ def print_results(results: dict, console) -> None:
             table.add_row(Text(label(spec)), Text(text))
         console.print(table)
     for spec, tasks in results["lm_eval"].items():
-        for task, metrics in tasks.items():
-            console.print(f"lm-eval {spec} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), highlight=False, markup=False)
+        for task, result in tasks.items():
+            scores = ", ".join(f"{k} {'n/a' if v is None else format(v, '.4f')}" for k, v in result["metrics"].items())
+            counted = f" ({result['samples']} samples)" if result.get("samples") is not None else ""
+            console.print(f"lm-eval {label(spec)} {task}{counted}: {scores or 'no scores'}", highlight=False, markup=False, soft_wrap=True)
 
 
 def label(spec: str) -> str:

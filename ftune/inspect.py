@@ -1,6 +1,6 @@
 """`ftune inspect RECIPE`: what training will see and need, without training.
 
-The data goes through the same functions `ftune sft` calls (`prepare_sft`, `micro_batches`,
+The data goes through the same functions `ftune sft` calls (`prepare_sft`, `sft_micro_batches`,
 `count_steps`), and shares its tokenization cache, so every number here is the number
 training will have. Only the tokenizer and the model's config are read, never the weights.
 """
@@ -14,13 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from ftune import memory, models
-from ftune.data.chat import IGNORE, Formatter, make_formatter
-from ftune.data.packing import Encoded, micro_batches
+from ftune.data.chat import IGNORE, KINDS, Formatter, formatter_for
+from ftune.data.packing import Encoded
 from ftune.data.pipeline import DataReport, prepare_sft
 from ftune.errors import FtuneError
 from ftune.recipe import Recipe, load_recipe
 
 TRAINED, MASKED = "bold green", "grey50"  # loss on the token / none; special tokens are shown reversed
+# Where a tool call, a tool result or reasoning begins, a tag in this style says so (it is not a token).
+KIND_TAGS, TAG = {"reasoning": "⟨reasoning⟩", "tool_call": "⟨tool call⟩", "tool_result": "⟨tool result⟩"}, "magenta"
+KIND_STYLES = {"reasoning": "italic", "tool_call": "underline", "tool_result": "italic"}
 HISTOGRAM_BINS, BAR_WIDTH = 8, 40
 
 
@@ -37,6 +40,7 @@ class Inspection:
     total_steps: int
     memory: memory.MemoryEstimate
     memory_cpu: memory.MemoryEstimate  # the same recipe trained on this machine's CPU (float32, no CUDA context)
+    model: memory.ModelCount  # parameters of the model and of its adapter, as peft builds it
 
     @property
     def samples(self) -> int:
@@ -72,14 +76,14 @@ class Inspection:
             "packed_rows": sum(self.rows_per_batch), "token_slots": self.token_slots,
             "packing_efficiency": self.packing_efficiency, "tokens_per_step": self.tokens_per_step,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "audit": r.audit,
+            "render_proof": r.render_proof,
             "memory_gib": {line.what: line.bytes / memory.GIB for line in self.memory.lines} | {"total": self.memory.total / memory.GIB},
+            "trainable_parameters": self.model.trainable, "parameters": self.model.params,
         }
 
 
 def inspect_recipe(recipe_path: Path, overrides: list[str] = ()) -> Inspection:
-    from transformers import AutoConfig
-
-    from ftune.stages.sft import count_steps, row_widths
+    from ftune.steps import count_steps, row_widths, sft_micro_batches
 
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path, overrides)
@@ -89,30 +93,23 @@ def inspect_recipe(recipe_path: Path, overrides: list[str] = ()) -> Inspection:
     base_dir = recipe_path.parent.resolve()
     base = recipe.base_model
     source = _config_source(base.name, base.revision, base_dir)
-    try:
-        tokenizer = models.load_tokenizer(source, trust_remote_code=base.trust_remote_code)
-        config = AutoConfig.from_pretrained(source, revision=base.revision, trust_remote_code=base.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise FtuneError(
-            f"cannot read the tokenizer and config of '{base.name}': {str(exc).splitlines()[0]}",
-            hint="connect to the Hub once (only the config and tokenizer files are fetched), or point base_model.name at a local directory",
-        ) from None
-    formatter = make_formatter(tokenizer, chat_template=recipe.data.chat_template,
-                               system_prompt=recipe.data.system_prompt, train_on=recipe.data.train_on)
+    # The same checks as training (models.model_config): a damaged config, code the recipe does not trust.
+    config = models.model_config(source, revision=base.revision, trust_remote_code=base.trust_remote_code)
+    tokenizer = models.load_tokenizer(source, trust_remote_code=base.trust_remote_code)
+    formatter = formatter_for(tokenizer, recipe.data, base_dir=base_dir)
     train, evaluation, report = prepare_sft(recipe, tokenizer, formatter, base_dir=base_dir,
                                             cache_root=models.cache_dir() / "data")
 
     tc, max_length = recipe.training, recipe.data.max_length
     world = recipe.distributed.num_processes
     # Per process: each micro-batch of batch_size x world rows is shared out, batch_size rows each.
-    batches = micro_batches(train, max_length=max_length, batch_size=tc.batch_size * world, packed=recipe.data.packing,
-                            seed=tc.seed, epoch=0)
+    batches = sft_micro_batches(recipe, train, world=world, epoch=0)
     row_lengths = [row_widths(train, batch) for batch in batches]
     if recipe.data.packing:
         slots = sum(len(b) for b in batches) * max_length
     else:
         slots = sum(len(rows) * max(rows) for rows in row_lengths)  # collate pads each batch to its longest row
-    steps_per_epoch, total_steps = count_steps(recipe, train, world=world)
+    steps_per_epoch, total_steps = count_steps(recipe, train, world=world, source=str(recipe_path))
 
     count = memory.count_model(config, recipe.adapter)
 
@@ -133,7 +130,7 @@ def inspect_recipe(recipe_path: Path, overrides: list[str] = ()) -> Inspection:
         rows_per_batch=[len(b) for b in batches], token_slots=slots,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         memory=memory.estimate(recipe, count, **per_pass("cuda"), device="cuda"),
-        memory_cpu=memory.estimate(recipe, count, **per_pass("cpu"), device="cpu"),
+        memory_cpu=memory.estimate(recipe, count, **per_pass("cpu"), device="cpu"), model=count,
     )
 
 
@@ -190,12 +187,22 @@ def print_inspection(ins: Inspection, console, *, samples: int = 2, gpu_gib: flo
     ]
     if r.dropped_no_loss:
         rows.append(("dropped (no answer tokens left)", f"{r.dropped_no_loss:,}"))
+    count = ins.model
+    rows.append(("trainable parameters", f"{count.trainable:,} ({recipe.adapter.method}; "
+                                         f"{100 * count.trainable / max(count.params, 1):.3f}% of the base model's {count.params:,})"))
     if r.audit:
         a = r.audit
         rows.append(("end-of-turn audit", (f"'{a['end_of_turn']}' (id {a['end_of_turn_id']}) carries loss in "
                                             f"{a['answers_ending_trained']} of {a['answers_ending']} answers "
                                             f"({a['samples_checked']} samples checked)")))
+    if r.render_proof:
+        p = r.render_proof
+        verdict = "trained as inference renders them" if not p["mismatched"] else f"{p['mismatched']} DIFFER from inference"
+        rows.append(("render proof", f"{p['turns']:,} assistant turns in {p['conversations']:,} conversations: {verdict}"))
     console.print(summary_table("what training will see", rows))
+    for m in (r.render_proof or {}).get("mismatches", []):
+        console.print(f"  [red]render proof[/]: {m['place']}, assistant turn messages[{m['turn']}]: {m['detail']}",
+                      highlight=False)
     console.print("[bold]token lengths[/] (train and eval samples, after data.too_long)", highlight=False)
     lengths = np.concatenate([ins.train.lengths(), ins.eval.lengths()])
     for line in histogram(lengths, max_length):
@@ -203,7 +210,16 @@ def print_inspection(ins: Inspection, console, *, samples: int = 2, gpu_gib: flo
 
     print_memory(ins.memory, console, gpu_gib=gpu_gib)
     console.print(f"  on a CPU (float32, no CUDA context): {memory.gib(ins.memory_cpu.total)}", highlight=False)
-    if samples:
+    if samples and r.examples:
+        console.print(f"\n[bold]samples[/]: [{TRAINED}]trained (carries loss)[/], [{MASKED}]masked[/], "
+                      f"[reverse]special tokens[/], ↵ newlines; [{TAG}]{' '.join(KIND_TAGS.values())}[/] mark where "
+                      "those begin", highlight=False)
+        for i, example in enumerate(r.examples[:samples]):
+            trained = sum(label != IGNORE for label in example["labels"][1:])
+            console.rule(f"train sample {i} ({example['place']}): {len(example['ids'])} tokens, {trained} trained")
+            console.print(render_sample(example["ids"], example["labels"], ins.formatter.tokenizer,
+                                        kinds=[KINDS[k] for k in example["kinds"]]))
+    elif samples:
         console.print(f"\n[bold]samples[/]: [{TRAINED}]trained (carries loss)[/], [{MASKED}]masked[/], "
                       f"[reverse]special tokens[/], ↵ newlines", highlight=False)
         for i in range(min(samples, len(ins.train))):
@@ -233,18 +249,29 @@ def histogram(lengths, max_length: int, bins: int = HISTOGRAM_BINS, width: int =
     return lines
 
 
-def render_sample(ids, labels, tokenizer):
-    """rich Text of one sample: trained tokens in TRAINED, masked in MASKED, special tokens literal and reversed."""
+def render_sample(ids, labels, tokenizer, kinds: list[str] | None = None):
+    """rich Text of one sample: trained tokens in TRAINED, masked in MASKED, special tokens literal and reversed.
+
+    With `kinds` (chat.KINDS, one per token), reasoning, tool calls and tool results are tagged where
+    they begin and styled (italic, underlined), in their trained or masked colour.
+    """
     from rich.text import Text
 
     special = set(tokenizer.all_special_ids)
     text = Text()
     group: list[int] = []
     style = None
+    previous = None
     for t, token in enumerate(ids):
         token = int(token)
         trained = t > 0 and labels[t] != IGNORE  # a sample's first token is never predicted
-        token_style = TRAINED if trained else MASKED
+        kind = kinds[t] if kinds else None
+        token_style = (TRAINED if trained else MASKED) + (f" {KIND_STYLES[kind]}" if kind in KIND_STYLES else "")
+        if kind != previous and kind in KIND_TAGS:
+            _flush(text, group, style, tokenizer)
+            group, style = [], None
+            text.append(KIND_TAGS[kind], style=TAG)
+        previous = kind
         if token in special:
             _flush(text, group, style, tokenizer)
             group, style = [], None

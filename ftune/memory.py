@@ -10,7 +10,8 @@ Llama-style decoder layer (Llama, Qwen2, Mistral, Gemma: RMSNorm, SDPA attention
 MLP) under transformers and peft; other architectures get the same formula as an
 approximation. Per-token activation bytes were checked tensor by tensor (saved-tensor
 hooks) for LoRA, DoRA, full fine-tuning, QLoRA, float32 and bfloat16, and gradient
-checkpointing on SmolLM2-135M, within 1%. tests/test_inspect.py checks the whole estimate
+checkpointing on SmolLM2-135M, within 1%; VeRA's and IA3's terms, and prompt and prefix tuning
+(virtual tokens, attention with a mask), on a tiny Llama within 3%. tests/test_inspect.py checks the whole estimate
 against the peak RSS growth of two real `ftune sft` steps of the demo model on CPU and
 requires it within 15% (measured: 1.01 GiB estimated, 1.02 GiB used). On a GPU the
 caching allocator typically reserves 5-15% more than the tensors need.
@@ -54,7 +55,11 @@ class ModelCount:
     intermediate: int
     vocab: int
     gated_mlp: bool
-    adapted: tuple[tuple[str, int, int], ...]  # per adapted linear of one layer: (name, in_features, out_features)
+    # per adapted linear of one layer: (name, in_features, out_features, kind); kind is lora,
+    # vera, ia3 (its output scaled) or ia3_ff (its input scaled)
+    adapted: tuple[tuple[str, int, int, str], ...]
+    virtual_tokens: int = 0  # prompt or prefix tuning: tokens put before every sample
+    q_dim: int = 0  # query heads x head size (0: hidden size)
 
 
 @dataclass(frozen=True)
@@ -99,17 +104,18 @@ def count_model(config, adapter) -> ModelCount:
     else:
         from peft import get_peft_model
 
-        from ftune.models import lora_config
+        from ftune.adapters import peft_config
 
-        # peft builds the adapter on the meta device too; its initialisation does not matter for counting.
+        # peft builds the adapter on the meta device too; its initialisation does not matter for
+        # counting (and text initialisation would need the tokenizer).
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            peft_model = get_peft_model(model, lora_config(adapter.model_copy(update={"init": "default"})))
+            peft_model = get_peft_model(model, peft_config(adapter.model_copy(update={"init": "default", "init_text": None})))
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         adapted = tuple(
-            (name.split(".")[-1], m.in_features, m.out_features)
+            (name.split(".")[-1], m.in_features, m.out_features, _adapter_kind(m))
             for name, m in peft_model.named_modules()
-            if hasattr(m, "lora_A") and hasattr(m, "in_features") and re.search(r"\.0\.", name)
+            if _adapter_kind(m) and hasattr(m, "in_features") and re.search(r"\.0\.", name)
         )
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -119,7 +125,20 @@ def count_model(config, adapter) -> ModelCount:
         kv_dim=(getattr(text, "num_key_value_heads", None) or heads) * head_dim, heads=heads,
         intermediate=getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
         vocab=text.vocab_size, gated_mlp=gated, adapted=adapted,
+        virtual_tokens=adapter.num_virtual_tokens if adapter.method in ("prompt_tuning", "prefix_tuning") else 0,
+        q_dim=heads * head_dim,
     )
+
+
+def _adapter_kind(module) -> str | None:
+    """What a peft layer adds to the activations autograd keeps (None: not an adapted layer)."""
+    if hasattr(module, "lora_A"):
+        return "lora"
+    if hasattr(module, "vera_lambda_d"):
+        return "vera"
+    if hasattr(module, "ia3_l"):
+        return "ia3_ff" if module.is_feedforward else "ia3"
+    return None
 
 
 def estimate(recipe, count: ModelCount, *, tokens: int, labelled: int, device: str = "cuda") -> MemoryEstimate:
@@ -149,13 +168,14 @@ def estimate(recipe, count: ModelCount, *, tokens: int, labelled: int, device: s
     # residual stream, and every activation after it, is float32.
     b = 4 if qlora else w
     per_layer, terms = _per_token_layer(count, recipe.adapter, b, lora)
-    full = tokens * (count.layers * per_layer + 4 * (count.hidden + 1))
+    tokens, virtual, note = _with_virtual_tokens(recipe, count, tokens, b)
+    full = tokens * (count.layers * per_layer + 4 * (count.hidden + 1)) + virtual
     full_line = Line(
         "activations",
         full,
-        f"{count.layers} layers x {tokens:,} tokens x {per_layer:,.0f} B per token and layer  [{terms}]",
+        f"{count.layers} layers x {tokens:,} tokens x {per_layer:,.0f} B per token and layer  [{terms}]{note}",
     )
-    ckpt = tokens * (count.layers * count.hidden * b + per_layer)
+    ckpt = tokens * (count.layers * count.hidden * b + per_layer) + virtual / count.layers
     ckpt_line = Line(
         "activations (gradient checkpointing)",
         ckpt,
@@ -168,11 +188,36 @@ def estimate(recipe, count: ModelCount, *, tokens: int, labelled: int, device: s
     # then its gradient and the logits' gradient while backward runs.
     lines.append(Line("loss", labelled * count.vocab * 4 * 3,
                       f"{labelled:,} labelled tokens x {count.vocab:,} vocabulary x 4 B x 3 (log-softmax, its gradient, logits' gradient)"))
+    if getattr(recipe, "grpo", None) is not None:
+        lines.append(_generation(recipe, count, w, lines[-2].bytes + lines[-1].bytes))
     if device == "cuda":
         lines.append(Line("CUDA context", CUDA_CONTEXT, "CUDA context, cuBLAS workspace and kernels (typical)"))
     else:
         lines.append(Line("runtime", CPU_RUNTIME, "allocator caches, oneDNN and autograd buffers (measured)"))
     return MemoryEstimate(tuple(lines), checkpointing, full_line if checkpointing else ckpt_line, device)
+
+
+def _with_virtual_tokens(recipe, count: ModelCount, tokens: int, b: int) -> tuple[int, float, str]:
+    """(tokens the layers run on, bytes beyond their per-token terms, a note for the formula).
+
+    Packing is off for these methods: every row holds one sample, with the virtual tokens in
+    front (prompt tuning runs them through every layer like real tokens; prefix tuning has only
+    their keys and values, in each layer's cache). Rows are padded, or the keys outnumber the
+    queries, so attention runs with a mask: transformers' SDPA then copies the key and value
+    heads up to the query heads over every key position, and keeps the mask, in each layer.
+    """
+    n = count.virtual_tokens
+    if not n:
+        return tokens, 0.0, ""
+    length = recipe.data.max_length
+    rows = -(-tokens // length)
+    queries = length + n if recipe.adapter.method == "prompt_tuning" else length
+    keys = length + n
+    q_dim = count.q_dim or count.hidden
+    # per row and layer: k and v at every query head over the keys, in place of the kv heads counted per token, and the mask
+    extra = rows * count.layers * (2 * q_dim * keys * b - 2 * count.kv_dim * queries * b + queries * keys * b)
+    return (rows * queries, extra, f" + {rows} rows x {count.layers} layers x (k, v at {q_dim} x {keys} keys; mask "
+            f"{queries} x {keys}) x {b} B, with {n} virtual tokens per row")
 
 
 def _sharded(lines: list[Line], dist) -> list[Line]:
@@ -233,9 +278,12 @@ def _per_token_layer(count: ModelCount, adapter, b: int, lora: bool) -> tuple[fl
         inputs = (4 * h + inter) * b
         terms.append(f"linear inputs {inputs:,}")
         return norms + attention + mlp + inputs, " + ".join(terms)
+    if adapter.method in ("vera", "ia3"):
+        extra, more = _scaling_terms(count, adapter)
+        return norms + attention + mlp + extra, " + ".join(terms + more)
     inputs = 0.0
     seen: set[str] = set()
-    for name, fan_in, _out in count.adapted:
+    for name, fan_in, _out, _kind in count.adapted:
         if adapter.dropout > 0:
             inputs += fan_in * (4 + 1)  # each adapter's own dropped-out float32 input and its mask
         elif b == 4:
@@ -246,12 +294,28 @@ def _per_token_layer(count: ModelCount, adapter, b: int, lora: bool) -> tuple[fl
         else:
             inputs += fan_in * 4  # peft casts the input to the float32 adapter: one copy per adapted linear
     rank = len(count.adapted) * adapter.r * 4  # each lora_A's output, kept for lora_B's gradient
-    terms += [f"adapter inputs {inputs:,.0f}", f"lora_A outputs {rank:,}"]
+    if count.adapted:  # prompt and prefix tuning adapt no layer: only what the frozen layers keep to pass gradients back
+        terms += [f"adapter inputs {inputs:,.0f}", f"lora_A outputs {rank:,}"]
     extra = 0
     if adapter.method == "dora":
-        extra = 2 * sum(out for _n, _in, out in count.adapted) * 4  # base and LoRA outputs, rescaled by the magnitude
+        extra = 2 * sum(out for _n, _in, out, _kind in count.adapted) * 4  # base and LoRA outputs, rescaled by the magnitude
         terms.append(f"DoRA outputs {extra:,}")
     return norms + attention + mlp + inputs + rank + extra, " + ".join(terms)
+
+
+def _scaling_terms(count: ModelCount, adapter) -> tuple[float, list[str]]:
+    """What VeRA and IA3 layers keep per token for their vectors' gradients (peft's forward, float32).
+
+    The frozen matrices need no input kept: a gradient passes back through them with the weight alone.
+    IA3 keeps the float32 tensor its vector multiplies (a feed-forward layer's input, another's
+    output); VeRA keeps A's output for λ_d and B's output for λ_b, with dropout its mask.
+    """
+    if adapter.method == "ia3":
+        kept = sum((fan_in if kind == "ia3_ff" else out) * 4 for _n, fan_in, out, kind in count.adapted)
+        return kept, [f"IA3 scaled tensors {kept:,}"]
+    # dropout's mask: measured float32 on CPU (a GPU keeps one byte), counted at the larger
+    kept = sum((adapter.r + out) * 4 + (fan_in * 4 if adapter.dropout > 0 else 0) for _n, fan_in, out, _k in count.adapted)
+    return kept, [f"VeRA scaled tensors {kept:,}"]
 
 
 def _n(value: float) -> str:

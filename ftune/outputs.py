@@ -1,145 +1,30 @@
-"""What every training stage writes: the run directory, its decisions and its artifacts.
+"""What every training stage writes into its run directory.
 
-Deciding between a fresh run, a resume and refusing; the adapter (or model) with its
-tokenizer and a generation config that stops at the end-of-turn token; run.json; the run
-card with sample answers; a few held-out texts for merge and export parity checks.
+The adapter (or model) with its tokenizer and a generation config that stops at the
+end-of-turn token; run.json; the run card with sample answers; a few held-out texts for
+merge and export parity checks. Deciding what to do with the directory is runs.py's.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ftune import training
-from ftune.errors import FtuneError
-from ftune.progress import console
-from ftune.recipe import recipe_to_yaml
-from ftune.runs import ADAPTER_DIR, MODEL_DIR, RUN_FILE, atomic_dir, atomic_file, package_versions, read_run, write_json
+from ftune import adapters, runs
+from ftune.recipe import Recipe
+from ftune.runs import ADAPTER_DIR, INITIAL_ADAPTER_DIR, MODEL_DIR, RUN_FILE, atomic_dir, atomic_file, package_versions, write_json
 
 
-class Interrupted(FtuneError):
-    exit_code = 130
-
-    def __init__(self, stage: str, step: int, checkpoint: Path, recipe_path: Path, overrides):
-        sets = "".join(f" --set {o}" for o in overrides)
-        super().__init__(
-            f"stopped at step {step}; checkpoint saved to {checkpoint}",
-            hint=f"resume with: ftune {stage} {recipe_path}{sets} --resume",
-        )
-
-
-def output_dir(directory: str, base_dir: Path, smoke: bool) -> Path:
-    path = Path(directory).expanduser()
-    path = path if path.is_absolute() else (base_dir / path)
-    path = Path(path.resolve())
-    return path.with_name(path.name + "-smoke") if smoke else path
-
-
-INITIAL_ADAPTER_DIR = "initial_adapter"
-
-
-def save_initial_adapter(model, run_dir: Path, recipe) -> None:
+def save_initial_adapter(model, run_dir: Path, recipe: Recipe) -> None:
     """Keep a PiSSA/OLoRA adapter as initialised: saving the trained one needs it (see save_trained)."""
     if recipe.adapter.init in ("pissa", "olora") and not (run_dir / INITIAL_ADAPTER_DIR).is_dir():
         with atomic_dir(run_dir / INITIAL_ADAPTER_DIR) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
 
 
-@dataclass(frozen=True)
-class RunPlan:
-    """What to do with the run directory, decided before anything is written."""
-
-    resume_from: Path | None
-    wipe: bool
-
-
-def plan_for(run_dir: Path, recipe, *, resume: bool, overwrite: bool) -> RunPlan:
-    """Under `accelerate launch` the launcher has decided already: resume if it left a checkpoint."""
-    from ftune import distributed
-
-    if distributed.is_launched():
-        return RunPlan(training.latest_checkpoint(run_dir), wipe=False)
-    return plan_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite)
-
-
-def start_run_dir(run_dir: Path, plan: RunPlan) -> None:
-    """Act on the plan once the inputs are known to be good: nothing is touched before."""
-    if plan.wipe:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # A checkpoint being written when the process was killed: never complete, never used.
-    for partial in (run_dir / "checkpoints").glob(".*.partial-*"):
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-class LaunchFailed(FtuneError):
-    def __init__(self, stage: str, code: int):
-        if code == 130:
-            super().__init__(f"the distributed {stage} run was interrupted; resume it with the command above")
-        else:
-            super().__init__(f"the distributed {stage} run failed (exit code {code}); see the processes' messages above")
-        self.exit_code = code
-
-
-def launch_distributed(stage: str, recipe, recipe_path: Path, overrides, run_dir: Path, base_dir: Path, *,
-                       smoke: bool, resume: bool, overwrite: bool) -> Path:
-    """Decide fresh run or resume once, then run the stage in `num_processes` processes."""
-    from ftune import distributed, models
-
-    start_run_dir(run_dir, plan_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite or smoke))
-    dist = recipe.distributed
-    layer_class = None
-    if dist.backend == "fsdp":
-        model_path = models.resolve_model_path(recipe.base_model.name, revision=recipe.base_model.revision, base_dir=base_dir)
-        layer_class = distributed.decoder_layer_class(model_path, recipe.base_model.trust_remote_code)
-    config = distributed.accelerate_config(dist, cuda=torch.cuda.is_available(), layer_class=layer_class,
-                                           gradient_accumulation_steps=recipe.training.gradient_accumulation_steps)
-    argv = [item for o in overrides for item in ("--set", o)] + (["--smoke"] if smoke else [])
-    console.print(f"launching {dist.num_processes} processes ({dist.backend}) with accelerate; config: {run_dir / distributed.CONFIG_FILE}")
-    code = distributed.launch(stage, recipe_path, argv, run_dir, config)
-    if code != 0:
-        # Ctrl-C reaches torch's launcher too, which may exit 1 from its own signal handler
-        # after the processes checkpointed and stopped cleanly: the run says what happened.
-        try:
-            if read_run(run_dir).get("status") == "interrupted":
-                code = 130
-        except FtuneError:  # no readable run.json: the processes never got that far
-            pass
-        raise LaunchFailed(stage, code)
-    return run_dir
-
-
-def plan_run_dir(run_dir: Path, recipe, *, resume: bool, overwrite: bool) -> RunPlan:
-    """Decide between a fresh run, a resume, and refusing. An existing run is never silently replaced."""
-    meta = run_dir / RUN_FILE
-    status = json.loads(meta.read_text()).get("status") if meta.is_file() else None
-    checkpoint = training.latest_checkpoint(run_dir) if run_dir.exists() else None
-    if overwrite and not resume:
-        return RunPlan(None, wipe=True)
-    if status == "completed":
-        raise FtuneError(f"{run_dir} already holds a completed run", hint="pass --overwrite to replace it, or set output.dir")
-    if checkpoint is not None:
-        saved = (run_dir / "recipe.yaml").read_text(encoding="utf-8") if (run_dir / "recipe.yaml").is_file() else None
-        if saved is not None and saved != recipe_to_yaml(recipe):
-            raise FtuneError(
-                f"{run_dir} holds an interrupted run of a different recipe",
-                hint="resume with the same recipe and --set options, or pass --overwrite to start again",
-            )
-        if not resume:
-            console.print(f"found an interrupted run in {run_dir}; resuming from {checkpoint.name}")
-        return RunPlan(checkpoint, wipe=False)
-    if resume:
-        raise FtuneError(f"nothing to resume in {run_dir}: no checkpoint found")
-    if run_dir.exists() and any(p for p in run_dir.iterdir() if p.name != "accelerate_config.yaml"):
-        raise FtuneError(f"{run_dir} exists and is not an ftune run to resume", hint="pass --overwrite, or set output.dir")
-    return RunPlan(None, wipe=False)
-
-
-def save_trained(model, tokenizer, formatter, run_dir: Path, recipe) -> None:
+def save_trained(model, tokenizer, formatter, run_dir: Path, recipe: Recipe) -> None:
     """The adapter (or full model) with the tokenizer; generation stops at the end-of-turn token."""
     target = run_dir / (MODEL_DIR if recipe.adapter.method == "none" else ADAPTER_DIR)
     # PiSSA and OLoRA change the base weights at initialisation; saved against the initial
@@ -148,9 +33,12 @@ def save_trained(model, tokenizer, formatter, run_dir: Path, recipe) -> None:
     conversion = {"path_initial_model_for_weight_conversion": str(initial)} if initial.is_dir() else {}
     with atomic_dir(target, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **conversion)
+        if formatter.saved_template:  # the template trained with travels with the tokenizer: merge, GGUF, servers
+            tokenizer.chat_template = formatter.saved_template
         tokenizer.save_pretrained(tmp)
-        generation = generation_config(model, tokenizer, formatter)
-        generation.save_pretrained(tmp)
+        if recipe.stage != "rm":  # a reward model scores text; it generates none
+            generation = generation_config(model, tokenizer, formatter)
+            generation.save_pretrained(tmp)
 
 
 def generation_config(model, tokenizer, formatter):
@@ -170,14 +58,16 @@ def generation_config(model, tokenizer, formatter):
 
 
 @torch.no_grad()
-def generate_samples(model, tokenizer, formatter, recipe, device) -> list[tuple[str, str]]:
-    """Greedy answers to the recipe's evaluation prompts, for the run card."""
+def generate_samples(model, tokenizer, formatter, recipe: Recipe, device, stop=None) -> list[tuple[str, str]]:
+    """Greedy answers to the recipe's evaluation prompts, for the run card; fewer when `stop()` says so."""
     if not recipe.evaluation.prompts:
         return []
     model.eval()
     config = generation_config(model, tokenizer, formatter)
     answers = []
     for prompt in recipe.evaluation.prompts:
+        if stop is not None and stop():
+            break
         messages = formatter.with_system(({"role": "user", "content": prompt},))
         text = formatter.render(messages, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=formatter.prepend_bos, return_tensors="pt").to(device)
@@ -187,24 +77,27 @@ def generate_samples(model, tokenizer, formatter, recipe, device) -> list[tuple[
     return answers
 
 
-def write_eval_prompts(run_dir: Path, tokenizer, eval_set, limit: int = 8) -> None:
+def write_eval_prompts(run_dir: Path, tokenizer, samples) -> None:
     """A few held-out prompts as text (up to where the first answer starts), for merge and
-    export parity checks: their logits are compared, and greedy continuations are answers."""
+    export parity checks: their logits are compared, and greedy continuations are answers.
+    `samples` are (ids, labels) of held-out samples (every stage's eval set gives some)."""
     from ftune.data.chat import IGNORE
 
-    with atomic_file(run_dir / "eval_prompts.jsonl") as handle:
-        for i in range(min(limit, len(eval_set))):
-            ids, labels = eval_set.sample(i)
+    with atomic_file(run_dir / runs.EVAL_PROMPTS_FILE) as handle:
+        for ids, labels in samples:
             first = next((t for t, label in enumerate(labels) if label != IGNORE), len(ids))
             handle.write(json.dumps({"text": tokenizer.decode(ids[:first].tolist())}) + "\n")
 
 
-def write_run_json(run_dir: Path, recipe, model_path: str, dtype, *, status: str, step: int, summary: dict | None = None) -> None:
+def write_run_json(run_dir: Path, recipe: Recipe, model_path: str, dtype, *, status: str, step: int, summary: dict | None = None,
+                   recipe_dir: Path | None = None) -> None:
     base = recipe.base_model
     write_json(run_dir / RUN_FILE, {
         "ftune_version": package_versions().get("ftune", "unknown"),
         "stage": recipe.stage,
         "status": status,
+        # recipe.yaml keeps data paths as the recipe wrote them, relative to its folder: `ftune eval RUN` reads them from here.
+        "recipe_dir": str(recipe_dir) if recipe_dir is not None else None,
         "base_model": {"name": base.name, "path": model_path, "revision": base.revision, "trust_remote_code": base.trust_remote_code},
         "adapter": json.loads(recipe.adapter.model_dump_json()),
         "quantization": json.loads(recipe.quantization.model_dump_json()),
@@ -215,11 +108,11 @@ def write_run_json(run_dir: Path, recipe, model_path: str, dtype, *, status: str
     })
 
 
-def write_run_card(run_dir: Path, recipe, report, summary: dict, samples: list[tuple[str, str]]) -> None:
+def write_run_card(run_dir: Path, recipe: Recipe, report, summary: dict, samples: list[tuple[str, str]],
+                   title: str | None = None) -> None:
     lines = [
         f"# {run_dir.name}", "",
-        f"ftune {recipe.stage} of `{recipe.base_model.name}` with {recipe.adapter.method}"
-        + (f" (r={recipe.adapter.r}, alpha={recipe.adapter.alpha}, targets: {recipe.adapter.target_modules})" if recipe.adapter.method != "none" else "")
+        f"ftune {recipe.stage} of `{recipe.base_model.name}` with {adapters.describe(recipe.adapter)}"
         + (" on a 4-bit NF4 base (QLoRA)" if recipe.quantization.load_in_4bit else "") + ".",
         "", f"trust_remote_code: {recipe.base_model.trust_remote_code}", "",
         "## Results", "", "| metric | value |", "|---|---|",
@@ -229,15 +122,23 @@ def write_run_card(run_dir: Path, recipe, report, summary: dict, samples: list[t
         f"- too long: {report.truncated} truncated, {report.dropped_too_long} dropped",
     ]
     if samples:
-        lines += ["", "## Sample answers (greedy)", ""]
+        lines += ["", f"## {title or 'Sample answers (greedy)'}", ""]
         for prompt, answer in samples:
             lines += [f"**{prompt}**", "", f"> {answer}", ""]
-    lines += [
-        "", "## Use", "", "```python",
-        "from peft import AutoPeftModelForCausalLM",
-        f"model = AutoPeftModelForCausalLM.from_pretrained('{run_dir / ADAPTER_DIR}')",
-        "```", "", f"Merge: `ftune merge {run_dir} --out merged/`; GGUF: `ftune export-gguf {run_dir} --out model.gguf --type q4_k_m`.", "",
-    ]
-    with atomic_file(run_dir / "README.md") as handle:
+    if recipe.stage == "rm":  # a reward model loads as a sequence-classification model, and scores
+        from ftune.scoring import use_lines
+
+        lines += use_lines(run_dir)
+    else:
+        lines += [
+            "", "## Use", "", "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            f"model = AutoPeftModelForCausalLM.from_pretrained('{run_dir / ADAPTER_DIR}')",
+            "```", "",
+            "Not mergeable: its virtual tokens are not weights, so it is served with peft as above (or `ftune chat`)."
+            if recipe.adapter.method in adapters.VIRTUAL_TOKEN_METHODS else
+            f"Merge: `ftune merge {run_dir} --out merged/`; GGUF: `ftune export-gguf {run_dir} --out model.gguf --type q4_k_m`.", "",
+        ]
+    with atomic_file(run_dir / runs.README_FILE) as handle:
         handle.write("\n".join(lines))
 

@@ -33,14 +33,16 @@ REFERENCE_FREE = {"simpo", "cpo", "orpo"}
 class PairSet:
     sequences: Encoded
     kto_labels: np.ndarray | None = None  # bool per example, KTO only
+    margins: np.ndarray | None = None  # float32 per pair, for a reward model trained with rm.use_margin
 
     def __len__(self) -> int:
         return len(self.sequences) // 2
 
 
 def encode_pairs(formatter: Formatter, samples: list[Preference], *, method: str, max_length: int,
-                 max_prompt_length: int | None, report) -> PairSet:
-    """Tokenize pairs (or KTO examples); pairs whose answer does not fit are dropped and counted."""
+                 max_prompt_length: int | None, report, with_margins: bool = False) -> PairSet:
+    """Tokenize pairs (or KTO examples); pairs whose answer does not fit are dropped and counted.
+    `with_margins` keeps the kept pairs' `margin` (numbers already: the caller checked them)."""
     examples: list[tuple[tuple, tuple, tuple, bool | None]] = []  # prompt, first, second, label
     if method == "kto":
         singles = []
@@ -56,14 +58,20 @@ def encode_pairs(formatter: Formatter, samples: list[Preference], *, method: str
         examples = [(s.prompt, s.chosen, s.rejected, None) for s in samples]
     kept: list[tuple[list[int], list[int]]] = []
     labels: list[bool] = []
-    for prompt, first, second, label in examples:
+    margins: list[float] = []
+    for index, (prompt, first, second, label) in enumerate(examples):
         encoded = [_encode(formatter, prompt, answer, max_length, max_prompt_length, report) for answer in (first, second)]
-        if any(e is None for e in encoded):
+        # A pair whose answers differ only past max_length trains on two identical sequences:
+        # no preference is left in it, so it is dropped as too long.
+        if any(e is None for e in encoded) or (method != "kto" and encoded[0] == encoded[1]):
             report.dropped_too_long += 1
             continue
         kept += encoded
         labels.append(bool(label))
-    return PairSet(Encoded.from_lists(kept), np.array(labels) if method == "kto" else None)
+        if with_margins:
+            margins.append(samples[index].margin)
+    return PairSet(Encoded.from_lists(kept), np.array(labels) if method == "kto" else None,
+                   np.array(margins, dtype=np.float32) if with_margins else None)
 
 
 def _encode(formatter: Formatter, prompt, answer, max_length: int, max_prompt_length: int | None, report):
@@ -89,21 +97,32 @@ def sequence_logps(scorer, data: Encoded, indices: list[int], *, max_length: int
     The sequences are packed into rows (each attends only to itself); `scorer` is a
     `TokenLogProbs` (possibly wrapped by DDP/FSDP).
     """
-    local_rows = pack(data.lengths()[indices], max_length)
-    rows = [[indices[j] for j in row] for row in local_rows]
-    batch = {k: v.to(device) for k, v in collate(data, rows, pad_id, packed=True).items()}
+    batch, places = packed_rows(data, indices, max_length=max_length, pad_id=pad_id, device=device)
     segment = torch.full_like(batch["input_ids"], -1)
-    for r, row in enumerate(local_rows):
-        at = 0
-        for j in row:
-            n = int(data.lengths()[indices[j]])
-            segment[r, at: at + n] = j
-            at += n
+    lengths = data.lengths()
+    for j, (r, at) in enumerate(places):
+        segment[r, at: at + int(lengths[indices[j]])] = j
     token_logps = scorer(**batch)
     owner = segment[batch["targets"] != IGNORE]
     sums = torch.zeros(len(indices), device=device, dtype=token_logps.dtype).index_add(0, owner, token_logps)
     counts = torch.zeros(len(indices), device=device, dtype=token_logps.dtype).index_add(0, owner, torch.ones_like(token_logps))
     return sums, counts
+
+
+def packed_rows(data: Encoded, indices: list[int], *, max_length: int, pad_id: int, device) -> tuple[dict, list[tuple[int, int]]]:
+    """Sequences `indices` packed into rows of at most `max_length` tokens (each attends only to
+    itself): the batch on `device`, and where each sequence starts, as (row, column), in `indices` order."""
+    local_rows = pack(data.lengths()[indices], max_length)
+    rows = [[indices[j] for j in row] for row in local_rows]
+    batch = {k: v.to(device) for k, v in collate(data, rows, pad_id, packed=True).items()}
+    places: list[tuple[int, int]] = [(0, 0)] * len(indices)
+    lengths = data.lengths()
+    for r, row in enumerate(local_rows):
+        at = 0
+        for j in row:
+            places[j] = (r, at)
+            at += int(lengths[indices[j]])
+    return batch, places
 
 
 def preference_loss(pref, logps: torch.Tensor, counts: torch.Tensor, ref: torch.Tensor | None,

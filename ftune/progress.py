@@ -1,14 +1,18 @@
-"""What a user watches and keeps: a live bar, metrics.jsonl, a summary table, a loss curve.
+"""What a user watches and keeps: progress as training goes, metrics.jsonl, a summary table, a loss curve.
 
-Only the main process reports. Trackers named in `training.report_to` (TensorBoard,
-Weights & Biases, MLflow) get the same metrics when they are installed.
+Only the main process reports. On a terminal, progress is a live bar; anywhere else (CI
+logs, SLURM, `| tee`, FTUNE_NO_PROGRESS=1) a live bar shows nothing until the end, so each
+logging step prints one plain line instead. Trackers named in `training.report_to`
+(TensorBoard, Weights & Biases, MLflow) get the same metrics when they are installed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -19,21 +23,30 @@ from rich.table import Table
 console = Console(stderr=True)
 
 
+def live_bar_wanted() -> bool:
+    """A live bar only where someone watches a terminal: both output streams are one, and it is not turned off."""
+    return console.is_terminal and sys.stdout.isatty() and not os.environ.get("FTUNE_NO_PROGRESS")
+
+
 class Reporter:
     def __init__(self, run_dir: Path, total_steps: int, *, start_step: int = 0, report_to=(), enabled: bool = True, recipe_dict: dict | None = None):
         self.run_dir = run_dir
         self.enabled = enabled
         self.metrics_path = run_dir / "metrics.jsonl"
         self.trackers = _open_trackers(report_to, run_dir, recipe_dict or {}) if enabled else []
-        show_bar = enabled and not os.environ.get("FTUNE_NO_PROGRESS")
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.live = enabled and live_bar_wanted()
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not show_bar,
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not self.live,
         )
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
         self.last_train: dict = {}
         self.last_eval: dict = {}
         self.started = time.perf_counter()
+        self.last_logged = self.started
+        self.training_seconds = 0.0  # time between logs that ended in a training step: evaluations are not the pace
 
     def __enter__(self) -> Reporter:
         self.progress.start()
@@ -47,30 +60,75 @@ class Reporter:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: _round(v) for k, v in metrics.items()}}
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if any(k.startswith("eval_") for k in metrics):
+            handle.write(_dumps(record) + "\n")
+        is_eval = any(k.startswith("eval_") for k in metrics)
+        now = time.perf_counter()
+        if is_eval:
             self.last_eval = record
         else:
             self.last_train = record
+            self.training_seconds += now - self.last_logged
+        self.last_logged = now
         for tracker in self.trackers:
             tracker.log(step, metrics)
-        status = f"loss {self.last_train.get('loss', float('nan')):.4f}  lr {self.last_train.get('lr', 0):.2e}"
-        status += f"  {self.last_train.get('tokens_per_s', 0):.0f} tok/s"
-        if self.last_eval:
-            status += f"  eval {self.last_eval.get('eval_loss', float('nan')):.4f}"
-        self.progress.update(self.task, completed=step, status=status)
-        if os.environ.get("FTUNE_NO_PROGRESS") and "loss" in metrics:
-            console.print(f"step {step}: {status}", highlight=False)
+        if self.live:
+            self.progress.update(self.task, completed=step, status=self._status())
+        elif is_eval:
+            console.print(f"step {step}/{self.total_steps}  " + "  ".join(f"{k} {_number(v)}" for k, v in record.items() if k.startswith("eval_")),
+                          highlight=False, markup=False, soft_wrap=True)
+        else:
+            console.print(f"step {step}/{self.total_steps}  {self._status(with_eval=False)}  eta {self._eta(step)}",
+                          highlight=False, markup=False, soft_wrap=True)
+
+    def _status(self, *, with_eval: bool = True) -> str:
+        """loss, lr and throughput of the last training log (and the last eval loss, for the bar)."""
+        train = self.last_train
+        parts = [f"loss {_number(train.get('loss'))}", f"lr {_number(train.get('lr'), '.2e')}"]
+        # SFT counts tokens per second, preference stages pairs (`pairs_per_s`): whichever the stage logs.
+        for key, value in train.items():
+            if key.endswith("_per_s") and isinstance(value, (int, float)):
+                unit = {"tokens": "tok"}.get(key.removesuffix("_per_s"), key.removesuffix("_per_s"))
+                parts.append(f"{value:,.0f} {unit}/s" if value >= 100 else f"{value:.3g} {unit}/s")
+        if with_eval and self.last_eval.get("eval_loss") is not None:
+            parts.append(f"eval {_number(self.last_eval['eval_loss'])}")
+        return "  ".join(parts)
+
+    def _eta(self, step: int) -> str:
+        """Time left at the pace of the steps this process has run (a resumed run counts from where it resumed)."""
+        done = step - self.start_step
+        if done <= 0:
+            return "-"
+        seconds = self.training_seconds / done * max(self.total_steps - step, 0)
+        minutes, secs = divmod(int(round(seconds)), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}:{minutes:02d}:{secs:02d}"
 
     def message(self, text: str) -> None:
         if self.enabled:
             self.progress.console.print(text, highlight=False)
 
 
-def _round(value):
-    return round(value, 6) if isinstance(value, float) and math.isfinite(value) else value
+def _clean(value):
+    """A metric as metrics.jsonl keeps it: floats rounded, and NaN or infinity as null, so every line stays valid JSON."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def _dumps(record: dict) -> str:
+    # allow_nan=False: a non-finite number that slipped past _clean is a bug to hear about, not a line no JSON reader accepts.
+    return json.dumps({k: _clean(v) for k, v in record.items()}, allow_nan=False)
+
+
+def _number(value, spec: str = ".4f") -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "n/a"  # a non-finite number, logged as null
+    return str(value) if isinstance(value, int) else format(value, spec)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -85,7 +143,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     records = [r for r in read_metrics(run_dir) if r["step"] <= step]
     path = run_dir / "metrics.jsonl"
     if path.exists():
-        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        path.write_text("".join(_dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
 def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -100,8 +158,9 @@ def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
 def plot_losses(run_dir: Path, out: Path) -> bool:
     """loss.png: training loss per step and eval loss where measured."""
     records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    # A non-finite loss is logged as null: the curve skips it.
+    train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
+    evals = [(r["step"], r["eval_loss"]) for r in records if isinstance(r.get("eval_loss"), (int, float))]
     if not train:
         return False
     import matplotlib

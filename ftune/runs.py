@@ -1,11 +1,13 @@
-"""Run directories and atomic outputs.
+"""Run directories: their files, whose they are, who holds them, and how they are replaced.
 
-A run directory describes itself: `run.json` names the stage, the resolved base model and
-package versions; `recipe.yaml` is the resolved recipe. Later commands (merge, export,
-eval, chat, a DPO `init_from`) read their inputs from there.
+A run directory describes itself: `run.json` names the stage, status, step and resolved base
+model; `recipe.yaml` is the resolved recipe. Later commands (merge, export, eval, chat, a DPO
+`init_from`) read a run through `read_run`, never by parsing run.json themselves.
 
-Final artifacts are written beside their destination and renamed into place, so a crash
-leaves the previous state and never a half-written artifact that looks complete.
+ftune deletes or replaces only what ftune wrote (ownership.py holds the rule). A run is
+replaced by renaming it aside, building the new one, and deleting the old one once the new
+one has completed: a crash at any point leaves one of them whole, and the next command puts
+a set-aside run back when its replacement never got as far as a checkpoint.
 """
 
 from __future__ import annotations
@@ -14,89 +16,149 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ftune.errors import FtuneError
+from ftune.ownership import ASIDE, contents, is_run, owned, refuse_foreign, refuse_protected, set_aside
 
-RUN_FILE = "run.json"
+# The ownership rule with the atomic writes (ownership.py) and the lock (lock.py) are their own
+# modules; callers import them from here, with the run-directory knowledge they go with.
+from ftune.lock import LOCK_FILE as LOCK_FILE, RunLock as RunLock, RunLocked as RunLocked, lock_holder as lock_holder
+from ftune.ownership import OUTPUT_MARKER as OUTPUT_MARKER, RUN_FILE as RUN_FILE
+from ftune.ownership import atomic_dir as atomic_dir, atomic_file as atomic_file, write_json as write_json
+from ftune.ownership import check_target as check_target, is_ftune_dir as is_ftune_dir, read_json_object as read_json_object
+from ftune.recipe import Recipe, load_recipe, recipe_to_yaml
+
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe; never a source of trust_remote_code
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"  # full fine-tuning writes a whole model instead of an adapter
+INITIAL_ADAPTER_DIR = "initial_adapter"  # PiSSA/OLoRA: the adapter as initialised
 CHECKPOINTS_DIR = "checkpoints"
+EVAL_PROMPTS_FILE = "eval_prompts.jsonl"  # held-out prompts for merge and export parity checks
+METRICS_FILE = "metrics.jsonl"
+README_FILE = "README.md"  # the run card
+LOSS_PLOT = "loss.png"
 
 
-@contextlib.contextmanager
-def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to `final`; on success it replaces `final` in one rename."""
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise FtuneError(f"{final} already exists", hint="choose another path, or pass --overwrite")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+# --------------------------------------------------------------------------- reading a run
 
 
-@contextlib.contextmanager
-def atomic_file(final: Path, mode: str = "w") -> Iterator:
-    """Open a temporary file next to `final`; it replaces `final` only if the block succeeds."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.partial-", dir=final.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files owner-only; outputs get the usual mode
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+@dataclass(frozen=True)
+class Run:
+    """What a run directory says about itself (run.json), typed.
+
+    run.json also records the recipe's trust_remote_code; it is deliberately absent here. A
+    run directory may come from anyone: whether to run Python shipped with a model is the
+    user's choice on the command line or in their own recipe, never a file ftune reads back.
+    """
+
+    dir: Path
+    stage: str
+    status: str  # running, interrupted, failed or completed
+    step: int
+    base_model: str  # the base as the recipe named it: 'demo', a hub id or a directory
+    base_model_path: str | None  # where training found it (a local directory)
+    base_model_revision: str | None
+    adapter_method: str  # lora, dora, or none (full fine-tuning)
+    quantization: dict | None  # the recipe's 4-bit settings for a QLoRA run, else None
+    dtype: str | None  # the dtype training loaded the base in
+    summary: dict
+    ftune_version: str | None
+    recipe_dir: Path | None = None  # the recipe's folder when it ran: recipe.yaml's data paths are relative to it
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.dir / ADAPTER_DIR
+
+    @property
+    def model_dir(self) -> Path:
+        return self.dir / MODEL_DIR
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.dir / RECIPE_FILE
+
+    @property
+    def eval_prompts_file(self) -> Path:
+        return self.dir / EVAL_PROMPTS_FILE
+
+    def base_path(self) -> str:
+        """The base model directory: where training found it, or found again by name when the
+        run moved to another machine (that path no longer holds a model)."""
+        from ftune.models import resolve_model_path
+
+        recorded = self.base_model_path
+        if recorded and (Path(recorded) / "config.json").is_file():
+            return recorded
+        return resolve_model_path(self.base_model, revision=self.base_model_revision)
+
+    def recipe(self) -> Recipe | None:
+        """The resolved recipe saved with the run, with trust_remote_code off whatever it says."""
+        if not self.recipe_file.is_file():
+            return None
+        recipe = load_recipe(self.recipe_file)
+        return recipe.model_copy(update={"base_model": recipe.base_model.model_copy(update={"trust_remote_code": False})})
+
+    # Transitional: a dict view of run.json for code not yet switched to the fields above.
+    # base_model.trust_remote_code reads False there too, for the reason in the docstring.
+    def get(self, key: str, default=None):
+        return _dict_view(self).get(key, default)
+
+    def __getitem__(self, key: str):
+        return _dict_view(self)[key]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_json(path: Path, data: dict) -> None:
-    with atomic_file(path) as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def read_run(run_dir: Path) -> dict:
-    """The run.json of a run directory, with a clear error when it is not one."""
+def read_run(run_dir: Path) -> Run:
+    """The run in `run_dir`, with a clear error when it is not one."""
     run_dir = Path(run_dir)
     meta = run_dir / RUN_FILE
     if not meta.is_file():
         raise FtuneError(f"{run_dir} is not an ftune run directory (no {RUN_FILE})")
+    if meta.stat().st_size > 16 * 2**20:  # ftune writes a few KB; anything this size is not ours
+        raise FtuneError(f"{meta}: too large to be a run.json ftune wrote")
     try:
-        return json.loads(meta.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FtuneError(f"{meta}: unreadable ({exc})") from None
+    base = data.get("base_model") if isinstance(data, dict) else None
+    if not isinstance(base, dict) or not isinstance(base.get("name"), str):
+        raise FtuneError(f"{RUN_FILE} does not name its base model (base_model.name)", place=str(run_dir),
+                         hint="was it written by ftune?")
+    quantization = data.get("quantization") if isinstance(data.get("quantization"), dict) else None
+    adapter = data.get("adapter") if isinstance(data.get("adapter"), dict) else {}
+    return Run(
+        dir=run_dir,
+        stage=str(data.get("stage", "")),
+        status=str(data.get("status", "unknown")),
+        step=data["global_step"] if isinstance(data.get("global_step"), int) else 0,
+        base_model=base["name"],
+        base_model_path=base.get("path") if isinstance(base.get("path"), str) else None,
+        base_model_revision=base.get("revision") if isinstance(base.get("revision"), str) else None,
+        adapter_method=str(adapter.get("method", "lora")),
+        quantization=quantization if quantization and quantization.get("load_in_4bit") else None,
+        dtype=data.get("dtype") if isinstance(data.get("dtype"), str) else None,
+        summary=data.get("summary") if isinstance(data.get("summary"), dict) else {},
+        ftune_version=data.get("ftune_version"),
+        recipe_dir=Path(data["recipe_dir"]) if isinstance(data.get("recipe_dir"), str) else None,
+    )
+
+
+def _dict_view(run: Run) -> dict:
+    data = json.loads((run.dir / RUN_FILE).read_text(encoding="utf-8"))
+    if isinstance(data.get("base_model"), dict):
+        data["base_model"] = {**data["base_model"], "trust_remote_code": False}
+    return data
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted(p for p in (Path(run_dir) / CHECKPOINTS_DIR).glob("step-*") if (p / "state.json").is_file())
+    return found[-1] if found else None
 
 
 def package_versions() -> dict[str, str]:
@@ -108,3 +170,239 @@ def package_versions() -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):
             found[name] = version(name)
     return found
+
+
+# --------------------------------------------------------------------------- planning a run
+
+
+def output_dir(directory: str, base_dir: Path, smoke: bool) -> Path:
+    """The run directory: relative to the recipe's folder; symlinks resolved, so every rule
+    below applies to the directory that would really be written."""
+    path = Path(directory).expanduser()
+    path = (path if path.is_absolute() else base_dir / path).resolve()
+    return path.with_name(path.name + "-smoke").resolve() if smoke else path
+
+
+def recipe_inputs(recipe: Recipe, recipe_path: Path) -> list[tuple[str, Path]]:
+    """What a training run reads from disk: the run directory may hold none of it."""
+    base_dir = Path(recipe_path).parent
+    inputs = [("the recipe", Path(recipe_path))]
+
+    def local(text: str) -> Path:
+        path = Path(text).expanduser()
+        return path if path.is_absolute() else base_dir / path
+
+    for source in [*recipe.data.train, *recipe.data.eval]:
+        if local(source.path).exists():
+            inputs.append(("the data file", local(source.path)))
+    if local(recipe.base_model.name).is_dir():
+        inputs.append(("the base model", local(recipe.base_model.name)))
+    for key, section in (("preference.init_from", recipe.preference), ("rm.init_from", recipe.rm), ("grpo.init_from", recipe.grpo)):
+        if section is not None and section.init_from:
+            inputs.append((f"the run in {key}", local(section.init_from)))
+            smoke = output_dir(section.init_from, base_dir, smoke=True)  # what a --smoke chain continues from
+            if smoke.exists():
+                inputs.append((f"the smoke run of {key}", smoke))
+    for i, reward in enumerate(recipe.rewards or []):  # grpo: the user's reward functions and reward-model runs
+        if reward.function or reward.run:
+            inputs.append((f"the {'reward function file' if reward.function else 'reward-model run'} of rewards[{i}]",
+                           local(reward.function.rpartition(":")[0] if reward.function else reward.run)))
+    return inputs
+
+
+def init_from_run(init_from: str, recipe: Recipe, base_dir: Path, *, smoke: bool, key: str) -> tuple[Path, Path, str]:
+    """The completed SFT run that recipe key `key` (preference.init_from, rm.init_from) names, checked:
+    (its directory, its adapter, its base model's path). In --smoke, that run's own smoke run when
+    there is one, so a CI can smoke-test a chain: sft --smoke, then dpo --smoke."""
+    run_dir = Path(init_from).expanduser()
+    run_dir = run_dir if run_dir.is_absolute() else base_dir / run_dir
+    smoke_run = output_dir(str(run_dir), base_dir, smoke=True)
+    if smoke and (smoke_run / RUN_FILE).is_file():
+        run_dir = smoke_run
+    run = read_run(run_dir)
+    if not run.completed:
+        raise FtuneError(f"{key}: {run_dir} is not a completed run (status: {run.status})")
+    if run.base_model != recipe.base_model.name:
+        raise FtuneError(f"{key}: {run_dir} was trained on '{run.base_model}', but this recipe names "
+                         f"base_model '{recipe.base_model.name}'", hint=f"set base_model.name: {run.base_model}")
+    if recipe.adapter.method == "none":
+        raise FtuneError(f"{key} continues an adapter; adapter.method: none cannot")
+    if not (run.adapter_dir / "adapter_config.json").is_file():
+        raise FtuneError(f"{key}: {run_dir} has no adapter to continue from (was it full fine-tuning?)")
+    if not (run.adapter_dir / "adapter_model.safetensors").is_file():
+        raise FtuneError(f"{key}: {run.adapter_dir} has no adapter_model.safetensors; ftune does not load pickle-based weights")
+    return run_dir, run.adapter_dir, run.base_path()
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What to do with the run directory, decided before anything is written."""
+
+    resume_from: Path | None
+    replace: bool  # set the ftune run there aside; it is deleted once the new run completes
+
+
+def plan_for(run_dir: Path, recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool,
+             say: Callable[[str], None] | None = None) -> RunPlan:
+    """Under `accelerate launch` the launcher has decided (and holds the lock): resume if it left a checkpoint."""
+    from ftune import distributed
+
+    if distributed.is_launched():
+        return RunPlan(latest_checkpoint(run_dir), replace=False)
+    return plan_run_dir(run_dir, recipe, recipe_path, resume=resume, overwrite=overwrite, say=say)
+
+
+def plan_run_dir(run_dir: Path, recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool,
+                 say: Callable[[str], None] | None = None) -> RunPlan:
+    """Decide between a fresh run, a resume, a replacement and refusing.
+
+    Only an ftune run (or output) is ever replaced, and only with --overwrite; a directory
+    holding anything else is refused with a message that suggests another output.dir.
+    """
+    say = say or _note
+    option, place = "output.dir", f"output.dir in {recipe_path}"
+    ours = run_dir.is_dir() and owned(run_dir)
+    refuse_protected(run_dir, inputs=recipe_inputs(recipe, recipe_path), option=option, place=place,
+                     cwd_ok=ours or not run_dir.exists() or not contents(run_dir))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FtuneError(f"{run_dir} is a file, not a directory", place=place, hint="set output.dir to a directory for the run")
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise RunLocked(run_dir, holder)
+    restore_set_aside(run_dir, say)
+    if run_dir.exists() and contents(run_dir) and not owned(run_dir):
+        refuse_foreign(run_dir, option=option, place=place)
+    meta = read_json_object(run_dir / RUN_FILE)
+    status = meta.get("status") if meta else None
+    checkpoint = latest_checkpoint(run_dir)
+    if overwrite and not resume:
+        return RunPlan(None, replace=bool(run_dir.exists() and contents(run_dir)))
+    if status == "completed":
+        raise FtuneError(f"{run_dir} already holds a completed run", place=place,
+                         hint="pass --overwrite to replace it (ftune's own run), or set output.dir")
+    if checkpoint is not None:
+        saved = run_dir / RECIPE_FILE
+        if saved.is_file() and saved.read_text(encoding="utf-8") != recipe_to_yaml(recipe):
+            raise FtuneError(
+                f"{run_dir} holds an interrupted run of a different recipe", place=place,
+                hint="resume with the same recipe and --set options, or pass --overwrite to start again",
+            )
+        if not resume:
+            say(f"found an interrupted run in {run_dir}; resuming from {checkpoint.name}")
+        return RunPlan(checkpoint, replace=False)
+    if resume:
+        raise FtuneError(f"nothing to resume in {run_dir}: no checkpoint found", place=place)
+    if run_dir.exists() and contents(run_dir):
+        raise FtuneError(f"{run_dir} holds an unfinished ftune run with no checkpoint to resume (status: {status})",
+                         place=place, hint="pass --overwrite to start it again, or set output.dir")
+    return RunPlan(None, replace=False)
+
+
+def start_run_dir(run_dir: Path, plan: RunPlan, say: Callable[[str], None] | None = None) -> OpenRun:
+    """Act on the plan once the inputs are known to be good (nothing is touched before):
+    set a replaced run aside, create the directory and take its lock.
+
+    Returns the open run; use it as a context manager that lasts as long as the run writes.
+    """
+    say = say or _note
+    replaced = None
+    if plan.replace and run_dir.is_dir() and contents(run_dir):
+        holder = lock_holder(run_dir)
+        if holder is not None:
+            raise RunLocked(run_dir, holder)
+        if not owned(run_dir):  # the directory changed since it was planned
+            refuse_foreign(run_dir, option="output.dir")
+        replaced = set_aside(run_dir)
+        say(f"replacing the run in {run_dir}; the previous one is kept in {replaced} until this one completes")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = RunLock(run_dir, say=say).acquire()
+    except BaseException:
+        if replaced is not None:
+            _put_back(run_dir, replaced)
+        raise
+    # A checkpoint being written when the process was killed: never complete, never used.
+    for partial in (run_dir / CHECKPOINTS_DIR).glob(".*.partial-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    return OpenRun(run_dir, lock, replaced, say)
+
+
+class OpenRun:
+    """A run directory while this process writes it: its lock, and the run it replaces.
+
+    On leaving, the lock is released. A completed run deletes the run it replaced. A run that
+    failed before its first checkpoint is removed and the replaced one put back, as if the
+    command had never started; one with a checkpoint stays to be resumed, and so does the
+    replaced run until the resumed one completes.
+    """
+
+    def __init__(self, run_dir: Path, lock: RunLock, replaced: Path | None, say: Callable[[str], None]):
+        self.run_dir, self.lock, self.replaced, self.say = run_dir, lock, replaced, say
+
+    def __enter__(self) -> OpenRun:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            if _status(self.run_dir) == "completed":
+                for old in set_aside_runs(self.run_dir):
+                    shutil.rmtree(old, ignore_errors=True)
+            elif kind is not None and self.replaced is not None and self.replaced.is_dir():
+                if latest_checkpoint(self.run_dir) is None:  # this process made the directory: all of it is ours
+                    _put_back(self.run_dir, self.replaced)
+                    self.say(f"the run in {self.run_dir} is as it was: this one stopped before its first checkpoint")
+                else:
+                    self.say(f"the run this one replaces is kept in {self.replaced} until this one completes")
+        finally:
+            self.lock.release()
+
+
+def set_aside_runs(run_dir: Path) -> list[Path]:
+    """ftune runs that a replacement of `run_dir` set aside, oldest first."""
+    run_dir = Path(run_dir)
+    found = run_dir.parent.glob(f".{run_dir.name}{ASIDE}*") if run_dir.parent.is_dir() else []
+    return sorted(p for p in found if p.is_dir() and owned(p))
+
+
+def restore_set_aside(run_dir: Path, say: Callable[[str], None]) -> None:
+    """Finish what an interrupted replacement left: the old run back, or gone once the new one completed."""
+    asides = set_aside_runs(run_dir)
+    if not asides:
+        return
+    if _status(run_dir) == "completed":
+        for old in asides:
+            shutil.rmtree(old, ignore_errors=True)
+    elif _replaceable(run_dir):
+        _put_back(run_dir, asides[-1])
+        say(f"put back the run set aside in {asides[-1].name}: the run replacing it stopped before its first checkpoint")
+        restore_set_aside(run_dir, say)  # older set-aside runs go too when the restored one is complete
+    elif is_run(run_dir):
+        say(f"note: the run this one replaces is kept in {asides[-1]} until it completes")
+
+
+def _replaceable(run_dir: Path) -> bool:
+    """Nothing there, or ftune's own replacement that never reached a checkpoint."""
+    if not run_dir.exists():
+        return True
+    if owned(run_dir):
+        return latest_checkpoint(run_dir) is None
+    return all(p.name == LOCK_FILE for p in run_dir.iterdir())  # a stale lock at most (a live one was refused)
+
+
+def _put_back(run_dir: Path, replaced: Path) -> None:
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # what `_replaceable` allows: ftune's unfinished replacement, or a stale lock
+    os.rename(replaced, run_dir)
+
+
+def _status(run_dir: Path) -> str | None:
+    """The status of the ftune run in `run_dir` (None when there is none)."""
+    meta = read_json_object(run_dir / RUN_FILE)
+    return meta.get("status") if meta and "ftune_version" in meta else None
+
+
+def _note(text: str) -> None:
+    from ftune.progress import console
+
+    console.print(text, highlight=False)
+

@@ -1,28 +1,24 @@
-"""Steps the SFT and DPO stages share: model setup, optimizer, schedule, loss, checkpoints.
-
-Checkpoints hold only safetensors and JSON (no pickle): trainable weights, optimizer state
-flattened to tensors, scheduler and data position as JSON, and every RNG state, so a
-resumed run continues exactly where the interrupted one stopped.
+"""What every training stage builds and computes: the model with its adapter, optimizer,
+schedule, token log-probs, the SFT loss and held-out loss, and how a micro-batch is split
+into forward/backward passes. Checkpoints are in checkpoints.py, the loop in stages/loop.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ftune import attention, models
+from ftune import adapters, attention, models
 from ftune.data.chat import IGNORE
+from ftune.data.packing import Encoded, collate, micro_batches
 from ftune.errors import FtuneError
 from ftune.progress import console
-from ftune.runs import CHECKPOINTS_DIR, atomic_dir, atomic_file
+from ftune.recipe import AdapterSection, Recipe, TrainingSection
 
 
 def seed_everything(seed: int) -> None:
@@ -31,10 +27,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(recipe, model_path: str, dtype, *, adapter_from: Path | None = None):
+def build_model(recipe: Recipe, model_path: str, dtype, *, adapter_from: Path | None = None):
     """The base model with its adapter attached (or fully trainable when adapter.method is none)."""
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-
     base = recipe.base_model
     model = models.load_model(
         model_path, dtype=dtype, quantization=recipe.quantization,
@@ -43,18 +37,23 @@ def build_model(recipe, model_path: str, dtype, *, adapter_from: Path | None = N
     model.config.use_cache = False
     if base.attn_implementation == "auto" and (recipe.stage == "dpo" or recipe.data.packing):
         attention.enable(model, recipe.data.max_length)  # packed rows: attention sample by sample
-    if recipe.quantization.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.training.gradient_checkpointing)
-    elif recipe.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = memory_savers(model, recipe)
     if recipe.adapter.method == "none":
         return model
     if adapter_from is not None:
-        return PeftModel.from_pretrained(model, adapter_from, is_trainable=True)
-    try:
-        return get_peft_model(model, models.lora_config(recipe.adapter))
-    except ValueError as exc:
-        raise FtuneError(f"adapter.target_modules: {exc}") from None
+        return adapters.load(model, adapter_from, is_trainable=True)
+    return adapters.attach(model, recipe.adapter, model_path)
+
+
+def memory_savers(model, recipe: Recipe):
+    """A 4-bit base made trainable (peft's k-bit preparation), or gradient checkpointing on, as the recipe asks."""
+    from peft import prepare_model_for_kbit_training
+
+    if recipe.quantization.load_in_4bit:
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.training.gradient_checkpointing)
+    if recipe.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -63,12 +62,8 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def make_optimizer(training, model):
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+def make_optimizer(training: TrainingSection, model, adapter: AdapterSection | None = None):
+    groups = adapters.param_groups(model, training, adapter)  # weight decay on matrices; LoRA+'s learning rates
     if training.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, 0.999), eps=1e-8, foreach=True)
     import bitsandbytes as bnb
@@ -80,7 +75,7 @@ def make_optimizer(training, model):
     return cls(groups, lr=training.learning_rate)
 
 
-def make_scheduler(training, optimizer, total_steps: int):
+def make_scheduler(training: TrainingSection, optimizer, total_steps: int):
     from transformers import get_scheduler
 
     warmup = int(math.ceil(total_steps * training.warmup_ratio))
@@ -113,7 +108,10 @@ class TokenLogProbs(torch.nn.Module):
 
     def forward(self, input_ids, position_ids, targets, attention_mask=None):
         decoder, head, softcap = causal_lm_parts(self.model)
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if adapters.uses_virtual_tokens(self.model):  # prompt/prefix tuning: virtual tokens before each sample
+            hidden, targets = adapters.virtual_token_hidden(self.model, decoder, input_ids, position_ids, targets, attention_mask)
+        else:
+            hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         keep = targets != IGNORE
         logits = head(hidden[keep]).float()
         if softcap:
@@ -127,7 +125,40 @@ def sft_loss_sum(scorer, batch: dict) -> tuple[torch.Tensor, int]:
     return -token_logps.sum(), token_logps.numel()
 
 
-def pass_budget(recipe, device) -> int | None:
+@torch.no_grad()
+def sft_eval(scorer, eval_set: Encoded, *, recipe: Recipe, pad_id: int, device, stop=None) -> dict | None:
+    """Held-out loss (mean over answer tokens) and perplexity; None when `stop()` asked to stop part-way.
+
+    Every process evaluates the whole (small) eval set, so all of them run the same
+    forwards, as FSDP requires, and agree on the result without communicating.
+    """
+    scorer.eval()
+    total, count = 0.0, 0
+    limit = recipe.evaluation.max_eval_samples
+    data = eval_set.head(limit) if limit else eval_set
+    try:
+        for rows in micro_batches(data, max_length=recipe.data.max_length, batch_size=recipe.training.batch_size,
+                                  packed=recipe.data.packing, seed=0, epoch=0):
+            if stop is not None and stop():
+                return None
+            loss_sum, n = sft_loss_sum(scorer, move(collate(data, rows, pad_id, packed=recipe.data.packing), device))
+            total += float(loss_sum)
+            count += n
+    finally:
+        scorer.train()
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+def first_nonfinite(model) -> str | None:
+    """The first trainable parameter holding NaN or infinity, if any: such a state is never saved."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.numel() and not bool(torch.isfinite(param).all()):
+            return name
+    return None
+
+
+def pass_budget(recipe: Recipe, device) -> int | None:
     """Most tokens per forward/backward pass (None: a whole micro-batch in one pass).
 
     On a CPU the default is one row of max_length tokens. Measured on the demo model with
@@ -169,146 +200,3 @@ def split_passes(items: list, sizes: list[int], budget: int | None, *, padded: b
 
 def move(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, position: dict, keep: int, ctx=None) -> Path:
-    """The main process writes the checkpoint; every other process adds its own RNG state to it."""
-    from safetensors.torch import save
-
-    root = run_dir / CHECKPOINTS_DIR
-    final = root / f"step-{step:06d}"
-    if ctx is not None and ctx.world > 1:
-        ctx.barrier()
-        if ctx.is_main:
-            _write_checkpoint(final, step, model, optimizer, scheduler, position)
-        ctx.barrier()
-        if not ctx.is_main:
-            with atomic_file(final / f"rng-rank{ctx.rank}.safetensors", "wb") as handle:
-                handle.write(save({"torch": torch.get_rng_state()}))
-        ctx.barrier()
-    else:
-        _write_checkpoint(final, step, model, optimizer, scheduler, position)
-    if ctx is None or ctx.is_main:
-        for old in sorted(root.glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _write_checkpoint(final: Path, step: int, model, optimizer, scheduler, position: dict) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_dir(final, overwrite=True) as tmp:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        tensors, layout = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, tmp / "optimizer.safetensors")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, tmp / "rng.safetensors")
-        np_state = np.random.get_state()
-        state = {
-            "step": step,
-            "position": position,
-            "optimizer_layout": layout,
-            "scheduler": scheduler.state_dict(),
-            "python_random": _jsonable(random.getstate()),
-            "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        }
-        (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(p for p in (run_dir / CHECKPOINTS_DIR).glob("step-*") if (p / "state.json").is_file())
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore weights, optimizer, scheduler and RNGs; return the saved state (step, position)."""
-    from safetensors.torch import load_file
-
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    weights = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise FtuneError(f"checkpoint {path} does not fit this model (e.g. {missing[0]})", hint="resume with the recipe that made it")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer_layout"]))
-    scheduler.load_state_dict(state["scheduler"])
-    own = path / f"rng-rank{rank}.safetensors"
-    rng = load_file(own if rank and own.is_file() else path / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and "cuda0" in rng:
-        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
-    random.setstate(_tupled(state["python_random"]))
-    kind, keys, *rest = state["numpy_random"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    return state
-
-
-def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict] = {}
-    for index, values in state_dict["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    for index, values in layout["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    return {"state": state, "param_groups": layout["param_groups"]}
-
-
-def _jsonable(value):
-    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
-
-
-def _tupled(value):
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
-
-
-class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step and exits.
-
-    A second Ctrl-C stops at once, as users expect.
-    """
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal_name is not None:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        console.print(f"\n[yellow]{self.signal_name}[/]: saving a checkpoint after this step (press Ctrl-C again to stop at once)")
-
-    def __bool__(self) -> bool:
-        return self.signal_name is not None

@@ -3,6 +3,7 @@
     python scripts/bench.py                        # the defaults (about 25 min on 2 CPU cores)
     python scripts/bench.py --steps 6 --repeats 3  # steadier medians, about 3x longer
     python scripts/bench.py --skip dpo merge export
+    python scripts/bench.py --skip startup sft dpo merge export gpu   # the reward-model part alone
     python scripts/bench.py --report-only bench.json   # rewrite BENCHMARKS.md from earlier figures
 
 What is measured, and how (BENCHMARKS.md repeats this next to the figures):
@@ -17,6 +18,9 @@ What is measured, and how (BENCHMARKS.md repeats this next to the figures):
   sample per row) runs more steps than the packed sides.
 - DPO: preference pairs per second and peak memory, ftune's `dpo` stage against TRL's
   DPOTrainer defaults, beta 0.1, batch 4 pairs, max length 512.
+- RM: preference pairs per second and peak memory, ftune's `rm` stage against TRL's
+  RewardTrainer defaults (a one-output AutoModelForSequenceClassification, LoRA with
+  task SEQ_CLS), the DPO part's pairs, batch 4 pairs, lr 1e-4 (TRL's default), max length 512.
 - Each measured run is its own process (its peak RSS is its own), the sides are
   interleaved (A, B, C, A, B, C, ...), and the table gives medians over the repeats.
   When other processes are using the CPUs, each run gets one torch thread (see pick_threads).
@@ -59,6 +63,7 @@ PACKAGES = ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "b
 # The settings both sides share; each is passed by name to ftune's recipe and to TRL's config.
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 SFT_LR, DPO_LR, BETA = 2.0e-4, 5.0e-5, 0.1
+RM_LR = 1.0e-4  # TRL's RewardConfig default
 SEED = 42  # repeat i uses seed 42 + i on every side, so repeats draw different batches
 
 
@@ -73,7 +78,7 @@ def main() -> None:
                         help="torch threads in every measured process; 0 (default): 1 when other processes are already "
                              "using more than half a core, else torch's default (one per core)")
     parser.add_argument("--startup-runs", type=int, default=5, help="runs of each start-up command (default 5)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["startup", "sft", "dpo", "merge", "export", "gpu"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["startup", "sft", "dpo", "rm", "grpo", "merge", "export", "gpu"],
                         help="parts to leave out")
     parser.add_argument("--profile", action="store_true",
                         help="after the SFT runs, profile one more ftune run (torch.profiler, steps after the first) "
@@ -97,7 +102,7 @@ def main() -> None:
                     "settings": {"rows": args.rows, "steps": args.steps, "warmup_steps": 1, "repeats": args.repeats,
                                  "batch_size": args.batch_size, "dpo_batch_size": args.batch_size // 2,
                                  "max_length": args.max_length, "lora": LORA, "sft_learning_rate": SFT_LR,
-                                 "dpo_learning_rate": DPO_LR, "beta": BETA, "dtype": "float32"}}
+                                 "dpo_learning_rate": DPO_LR, "beta": BETA, "rm_learning_rate": RM_LR, "dtype": "float32"}}
     started = time.perf_counter()
     report["threads"] = pick_threads(args.threads)
     # Every process started from here on (the measured runs, merge and export) inherits these.
@@ -118,6 +123,13 @@ def main() -> None:
             report["sft"] = bench_sft(tmp / "sft", model_dir, args)
         if "dpo" not in args.skip:
             report["dpo"] = bench_dpo(tmp / "dpo", model_dir, args)
+        if "rm" not in args.skip:
+            report["rm"] = bench_rm(tmp / "rm", model_dir, args)
+        if "grpo" not in args.skip:  # scripts/bench_grpo.py: ftune grpo against TRL's GRPOTrainer
+            out = tmp / "grpo.json"
+            subprocess.run([sys.executable, str(SCRIPTS / "bench_grpo.py"), "--steps", str(args.steps), "--repeats", str(args.repeats),
+                            "--json", str(out)], check=True)
+            report["grpo"] = json.loads(out.read_text())
         if "merge" not in args.skip:
             report["merge"] = run_script("bench_merge.py", parse_merge)
         if "export" not in args.skip:
@@ -352,6 +364,8 @@ def write_recipe(path: Path, stage: str, model_dir: Path, data: Path, *, batch_s
     }
     if stage == "dpo":
         recipe["preference"] = {"method": "dpo", "beta": BETA}
+    if stage == "rm":
+        recipe["rm"] = {}  # TRL's defaults: no centering, no margins
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(recipe, indent=2))  # JSON is YAML
     return path
@@ -446,9 +460,10 @@ def summarize_ftune_dpo(batch_size: int, total_pairs: int):
     def summarize(raw: dict) -> dict:
         """As for SFT, from `pairs_per_s` = pairs so far / seconds since just before step 1, k * batch pairs at step k.
 
-        The reference log-probs ftune computes once before training (for all `total_pairs`
-        pairs) are timed apart; `pairs_per_s_with_reference` charges each timed pair its
-        share of that pass, since TRL runs its reference forward inside every step.
+        ftune scores the reference log-probs inside the steps (each pair the first time a step
+        reaches it), as TRL runs its reference forward inside every step, so both sides' step
+        timings carry the same reference work; `reference_s` (time spent on a reference pass
+        outside the steps) is 0, which leaves `pairs_per_s_with_reference` = `pairs_per_s`.
         """
         metrics = sorted(raw["metrics"], key=lambda m: m["step"])
         ends = [m["step"] * batch_size / m["pairs_per_s"] for m in metrics]
@@ -524,8 +539,7 @@ def bench_sft(tmp: Path, model_dir: Path, args) -> dict:
 def bench_dpo(tmp: Path, model_dir: Path, args) -> dict:
     batch = max(1, args.batch_size // 2)
     steps = 1 + args.steps
-    # Exactly the pairs the run trains on: ftune's reference pass covers its whole train set,
-    # so more pairs would charge ftune for reference work on pairs it never trains.
+    # Exactly the pairs the run trains on, each once: both sides score each pair's reference once.
     kept, source = dpo_rows(steps * batch, args.max_length, model_dir)
     if len(kept) < steps * batch:
         steps = len(kept) // batch
@@ -550,6 +564,33 @@ def bench_dpo(tmp: Path, model_dir: Path, args) -> dict:
         "ftune": ("bench_ftune.py", ftune_spec, summarize_ftune_dpo(batch, len(kept))),
         "TRL defaults": ("bench_trl.py", trl_spec, summarize_trl_dpo),
     }
+    runs = interleave(sides, args.repeats, tmp / "logs")
+    return {"pairs": len(kept), "batch_size": batch, "source": source, "runs": runs, "medians": medians(runs)}
+
+
+def bench_rm(tmp: Path, model_dir: Path, args) -> dict:
+    """Reward models: ftune's `rm` stage against TRL's RewardTrainer defaults, on the pairs the DPO part uses."""
+    batch = max(1, args.batch_size // 2)
+    kept, source = dpo_rows((1 + args.steps) * batch, args.max_length, model_dir)
+    steps = min(1 + args.steps, len(kept) // batch)
+    ftune_data = write_jsonl(tmp / "ftune.jsonl", [row for row, _ in kept])
+    trl_data = write_jsonl(tmp / "trl.jsonl", [{"prompt": list(p.prompt), "chosen": list(p.chosen), "rejected": list(p.rejected)}
+                                                for _, p in kept])
+    say(f"RM: {len(kept)} pairs from {source}, {steps} steps of {batch} pairs per run, {args.repeats} repeats")
+
+    def ftune_spec(repeat: int) -> dict:
+        recipe = write_recipe(tmp / f"ftune-{repeat}.yaml", "rm", model_dir, ftune_data, batch_size=batch, max_length=args.max_length,
+                              steps=steps, learning_rate=RM_LR, seed=SEED + repeat, out=tmp / f"ftune-run-{repeat}")
+        return {"kind": "rm", "recipe": str(recipe)}
+
+    def trl_spec(repeat: int) -> dict:
+        return {"kind": "rm", "model_dir": str(model_dir), "data": str(trl_data), "steps": steps, "batch_size": batch,
+                "max_length": args.max_length, "learning_rate": RM_LR, "lora": LORA, "seed": SEED + repeat,
+                "output_dir": str(tmp / f"trl-{repeat}")}
+
+    # ftune's rm logs pairs_per_s as dpo does, with no reference pass: the DPO summary reads it as it is.
+    sides = {"ftune": ("bench_ftune.py", ftune_spec, summarize_ftune_dpo(batch, len(kept))),
+             "TRL defaults": ("bench_trl.py", trl_spec, summarize_trl)}
     runs = interleave(sides, args.repeats, tmp / "logs")
     return {"pairs": len(kept), "batch_size": batch, "source": source, "runs": runs, "medians": medians(runs)}
 

@@ -1,8 +1,8 @@
-"""One measured ftune run for scripts/bench.py, in its own process: the real `sft` or `dpo` stage.
+"""One measured ftune run for scripts/bench.py, in its own process: the real `sft`, `dpo` or `rm` stage.
 
     python scripts/bench_ftune.py SPEC.json
 
-SPEC holds: kind ("sft" or "dpo"), recipe (a recipe file written by bench.py), and
+SPEC holds: kind ("sft", "dpo" or "rm"), recipe (a recipe file written by bench.py), and
 optionally profile (a path: a torch.profiler table of the steps after the first is
 written there).
 
@@ -11,8 +11,9 @@ wrappers observe it without changing what it computes:
 - `collate` (ftune's batch builder) records, per pass, the trained tokens
   (targets != -100; ftune shifts targets in collate, so these are exactly the tokens the
   loss sees), the token slots the model processes, and the real (non-padding) tokens;
-- `Reporter.log` records when each step was logged, the CPU time and the peak RSS by then;
-- dpo only: `all_logps` (the reference pass, before training) is timed.
+- `Reporter.log` records when each step was logged, the CPU time and the peak RSS by then.
+DPO scores its reference log-probs inside the steps (each pair the first time a step reaches
+it), so they are in the step timing, as TRL's are.
 
 Prints one line `BENCH_RESULT {json}`; the step timing itself comes from the run's
 metrics.jsonl (see bench.py).
@@ -102,20 +103,25 @@ def main() -> None:
     if spec["kind"] == "sft":
         sft.collate = counting(sft.collate)
         run = sft.run
+    elif spec["kind"] == "rm":  # chosen and rejected are packed by preference.packed_rows, through its collate
+        from ftune.stages import rm
+
+        preference.collate = counting(preference.collate)
+        run = rm.run
     else:
         preference.collate = counting(preference.collate)
-        all_logps = dpo.all_logps
+        from ftune.reference import ReferenceLogps
 
-        def timed_reference(*args, **kwargs):
+        ensure = ReferenceLogps.ensure
+
+        def reference_passes(self, *args, **kwargs):  # their batches are not training passes
             phase["name"] = "reference"
-            start = time.perf_counter()
             try:
-                return all_logps(*args, **kwargs)
+                return ensure(self, *args, **kwargs)
             finally:
-                phase["reference_s"] += time.perf_counter() - start
                 phase["name"] = "train"
 
-        dpo.all_logps = timed_reference
+        ReferenceLogps.ensure = reference_passes
         run = dpo.run
     hwm_start = vm_hwm_mib()
     run_dir = run(Path(spec["recipe"]), [], overwrite=True)
@@ -128,7 +134,7 @@ def main() -> None:
         "metrics": [m for m in metrics if "loss" in m],
         "marks": marks,
         "batches": per_step(batches, len(marks)),
-        "reference_s": phase["reference_s"],
+        "reference_s": phase["reference_s"],  # 0: no reference pass outside the steps
         "hwm_start_mib": hwm_start,
         "hwm_at_last_step_mib": marks[-1]["hwm_mib"] if marks else float("nan"),
         "hwm_mib": vm_hwm_mib(),

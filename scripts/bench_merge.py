@@ -27,7 +27,8 @@ from pathlib import Path
 import torch, transformers, peft, safetensors
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-from ftune.merge import merge_to_dir, read_source
+from ftune.merge import merge_to_dir
+from ftune.merge.source import read_source
 
 def status(field):
     for line in open("/proc/self/status"):

@@ -12,6 +12,7 @@ TARGETS = {
     "sft_vs_trl_default": 3.0,  # ftune tokens/s >= 3.0x TRL defaults
     "sft_vs_trl_packing": 1.5,  # ftune tokens/s >= 1.5x TRL with packing
     "dpo_vs_trl_default": 1.5,  # ftune pairs/s >= 1.5x TRL defaults
+    "rm_vs_trl_default": 1.5,  # ftune reward-model pairs/s >= 1.5x TRL's RewardTrainer defaults, at no more memory
 }
 
 
@@ -46,6 +47,15 @@ def judge_targets(report: dict) -> list[dict]:
             r >= TARGETS["dpo_vs_trl_default"])
     else:
         add("DPO pairs/s vs TRL defaults", "", "", None)
+    rm = report.get("rm", {}).get("medians")
+    if rm:
+        f, d = rm["ftune"], rm["TRL defaults"]
+        r = f["pairs_per_s"] / d["pairs_per_s"]
+        add("RM pairs/s vs TRL RewardTrainer defaults", f">= {TARGETS['rm_vs_trl_default']}x", f"{r:.2f}x", r >= TARGETS["rm_vs_trl_default"])
+        add("RM peak memory vs TRL RewardTrainer defaults", "<= TRL's", f"{f['peak_rss_mib']:,.0f} vs {d['peak_rss_mib']:,.0f} MiB",
+            f["peak_rss_mib"] <= d["peak_rss_mib"])
+    else:
+        add("RM targets", "", "", None)
     merge = report.get("merge", {}).get("parsed")
     if merge:
         f, p = merge["ftune"], merge["peft"]
@@ -86,7 +96,7 @@ def render_markdown(report: dict) -> str:
         *[f"| {t['target']} | {t['goal']} | {t['measured']} | **{t['status']}** |" for t in report["targets"]],
         "",
     ]
-    lines += _sft_section(report) + _dpo_section(report) + _merge_export_section(report) + _startup_section(report) + _gpu_section(report)
+    lines += _sft_section(report) + _dpo_section(report) + _rm_section(report) + _merge_export_section(report) + _startup_section(report) + _gpu_section(report)
     lines += _method_section(report)
     return "\n".join(lines) + "\n"
 
@@ -168,9 +178,35 @@ def _dpo_section(report: dict) -> list[str]:
         (f"| TRL defaults | {d['pairs_per_s']:.3f} | {d['pairs_per_s']:.3f} | {_ratio(f['pairs_per_s_with_reference'], d['pairs_per_s'])} "
         f"(steps only: {_ratio(f['pairs_per_s'], d['pairs_per_s'])}) | {d['real_tokens_per_s']:,.1f} | {d['peak_rss_mib']:,.0f} | {d['timed_s']:.1f} |"),
         "",
-        (f"ftune computes the reference log-probs once, before training ({f['reference_s']:.1f} s for {dpo['pairs']} pairs, median); "
-        "TRL runs the reference forward (the model with its adapter disabled) inside every step. "
-        "\"incl. reference\" charges each of ftune's timed pairs its share of that pass."),
+        ("Both sides score the reference inside the steps: ftune each pair the first time a step reaches it (the adapter "
+        "switched off, or a frozen copy of the starting adapter), TRL the model with its adapter disabled in every step. "
+        + (f"\"incl. reference\" charges each of ftune's timed pairs its share of a {f['reference_s']:.1f} s reference pass "
+           "outside the steps." if f.get("reference_s") else "")),
+        "",
+    ]
+
+
+def _rm_section(report: dict) -> list[str]:
+    rm = report.get("rm")
+    if not rm:
+        return ["## Reward model", "", "skipped", ""]
+    f, d = rm["medians"]["ftune"], rm["medians"]["TRL defaults"]
+    s = report["settings"]
+    trl = rm["runs"]["TRL defaults"][0].get("trl_settings", {})
+    return [
+        "## Reward model: preference pairs per second and peak memory",
+        "",
+        (f"{rm['pairs']} pairs of `{Path(rm['source']).name}`, batch {rm['batch_size']} pairs, same LoRA, lr {s.get('rm_learning_rate')} "
+         f"(TRL's default), max length {s['max_length']}; medians of {s['repeats']} runs. TRL: `RewardTrainer` with a one-output "
+         f"`AutoModelForSequenceClassification` and LoRA task SEQ_CLS, its defaults otherwise (gradient_checkpointing="
+         f"{trl.get('gradient_checkpointing')}, chosen and rejected padded to the longest in one batch); ftune: the `rm` stage, "
+         "both sequences of each pair packed into rows and the score head read once per sequence."),
+        "",
+        "| side | pairs/s | ftune is | real tokens/s | token slots/step | peak RSS MiB | timed s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *[f"| {name} | {v['pairs_per_s']:.3f} | {_ratio(f['pairs_per_s'], v['pairs_per_s']) if name != 'ftune' else ''} | "
+          f"{v['real_tokens_per_s']:,.1f} | {v['token_slots'] / max(v['timed_steps'], 1):,.0f} | {v['peak_rss_mib']:,.0f} | {v['timed_s']:.1f} |"
+          for name, v in (("ftune", f), ("TRL defaults", d))],
         "",
     ]
 

@@ -1,8 +1,8 @@
-"""One measured TRL run for scripts/bench.py, in its own process: SFTTrainer or DPOTrainer.
+"""One measured TRL run for scripts/bench.py, in its own process: SFTTrainer, DPOTrainer or RewardTrainer.
 
     python scripts/bench_trl.py SPEC.json
 
-SPEC holds: kind ("sft" or "dpo"), model_dir, data (a JSONL file in TRL's conversational
+SPEC holds: kind ("sft", "dpo" or "rm"), model_dir, data (a JSONL file in TRL's conversational
 prompt/completion or prompt/chosen/rejected form), steps (optimizer steps, the first one
 is warm-up), batch_size, max_length, learning_rate, lora {r, alpha, dropout}, packing
 (sft), beta (dpo), seed, output_dir.
@@ -47,6 +47,10 @@ class CountingCollator:
             trained = int((batch["labels"][:, 1:] != -100).sum())
             real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             self.batches.append({"trained": trained, "slots": batch["input_ids"].numel(), "real": real})
+        elif self.kind == "rm":
+            # RewardTrainer: chosen rows then rejected rows, padded to the longest; every real token is scored through.
+            real = int(batch["attention_mask"].sum())
+            self.batches.append({"pairs": len(examples), "trained": real, "slots": batch["input_ids"].numel(), "real": real})
         else:
             # DPO: chosen rows then rejected rows, padded to the longest; completion_mask marks answers.
             self.batches.append({"pairs": len(examples), "trained": int(batch["completion_mask"][:, 1:].sum()),
@@ -81,9 +85,14 @@ def main() -> None:
     rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines() if line.strip()]
     dataset = Dataset.from_list(rows)
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+    if spec["kind"] == "rm":  # a one-output sequence-classification model; SEQ_CLS trains and saves its score head
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], num_labels=1, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     lora = LoraConfig(r=spec["lora"]["r"], lora_alpha=spec["lora"]["alpha"], lora_dropout=spec["lora"]["dropout"],
-                      target_modules="all-linear", task_type="CAUSAL_LM")
+                      target_modules="all-linear", task_type="SEQ_CLS" if spec["kind"] == "rm" else "CAUSAL_LM")
     common = {"output_dir": spec["output_dir"], "max_steps": spec["steps"], "per_device_train_batch_size": spec["batch_size"],
               "learning_rate": spec["learning_rate"], "max_length": spec["max_length"], "seed": spec["seed"], "bf16": False}
     if spec["kind"] == "sft":
@@ -92,6 +101,11 @@ def main() -> None:
         extra = {"packing": True, "padding_free": True} if spec.get("packing") else {}
         args = SFTConfig(**common, **extra)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    elif spec["kind"] == "rm":
+        from trl import RewardConfig, RewardTrainer
+
+        args = RewardConfig(**common)
+        trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     else:
         from trl import DPOConfig, DPOTrainer
 
@@ -111,6 +125,8 @@ def main() -> None:
                      if hasattr(args, k)})
     if spec["kind"] == "dpo":
         settings.update({k: getattr(args, k) for k in ("beta", "loss_type", "precompute_ref_log_probs")})
+    if spec["kind"] == "rm":
+        settings.update({k: getattr(args, k) for k in ("center_rewards_coefficient", "disable_dropout", "pad_to_multiple_of")})
     settings["attn_implementation"] = model.config._attn_implementation
     result = {
         "step_ends": clock.ends,

@@ -61,12 +61,13 @@ def test_export_writes_gguf_parity_report_and_modelfile(tiny_model_dir, tmp_path
 
 def test_existing_output_is_an_error_unless_overwrite(tiny_model_dir, tmp_path):
     out = tmp_path / "model.gguf"
-    out.write_bytes(b"keep me")
+    assert export(str(tiny_model_dir), "--out", str(out), "--type", "f16").exit_code == 0
+    before = out.read_bytes()
     result = export(str(tiny_model_dir), "--out", str(out), "--type", "f16")
     assert result.exit_code == 1
-    assert "already exists" in result.output and "--overwrite" in result.output
+    assert "already exists" in result.output and "--overwrite" in result.output  # an earlier ftune export
     assert "Traceback" not in result.output
-    assert out.read_bytes() == b"keep me"
+    assert out.read_bytes() == before
 
     result = export(str(tiny_model_dir), "--out", str(out), "--type", "f16", "--overwrite", "--no-verify")
     assert result.exit_code == 0, result.output

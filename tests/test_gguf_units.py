@@ -213,10 +213,11 @@ def test_modelfile_for_another_export_is_kept(tmp_path):
 
     vocab = Vocab("gpt2", "smollm", [], [], None, [], {}, False, False, False, None, TemplateMatch(None, False), False, ["</s>"])
     (tmp_path / "Modelfile").write_text("FROM ./other.gguf\n")
-    assert write_modelfile(tmp_path / "new.gguf", vocab, overwrite=False).name == "new.Modelfile"
+    assert write_modelfile(tmp_path / "new.gguf", vocab).name == "new.Modelfile"
     assert (tmp_path / "Modelfile").read_text() == "FROM ./other.gguf\n"
-    assert write_modelfile(tmp_path / "new.gguf", vocab, overwrite=True).name == "Modelfile"
-    text = (tmp_path / "Modelfile").read_text()
+    assert write_modelfile(tmp_path / "new.gguf", vocab).name == "new.Modelfile"  # its own: replaced
+    assert (tmp_path / "Modelfile").read_text() == "FROM ./other.gguf\n"  # never another model's
+    text = (tmp_path / "new.Modelfile").read_text()
     assert "FROM ./new.gguf\n" in text and 'TEMPLATE """' not in text and f"PARAMETER stop {json.dumps('</s>')}" in text
 
 

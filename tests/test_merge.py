@@ -17,13 +17,10 @@ import pytest
 import torch
 
 from ftune.errors import FtuneError
-from ftune.merge import (
-    is_run_or_adapter,
-    merge_to_dir,
-    merged_tensor,
-    plan_merge,
-    read_source,
-)
+from ftune.merge import is_run_or_adapter, merge_to_dir
+from ftune.merge.plan import plan_merge
+from ftune.merge.source import read_source
+from ftune.merge.writer import merged_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is the capital of France?", "Name a prime number."]
@@ -307,10 +304,10 @@ def test_cli_errors_are_clear_and_leave_nothing_behind(tmp_path, tiny_model_dir)
 
 
 def test_parity_failure_keeps_the_report_and_exits_3(tmp_path, tiny_model_dir, monkeypatch):
-    from ftune import merge
+    from ftune.merge import parity as merge
 
     run = make_run(tmp_path, tiny_model_dir)
-    impossible = merge.Tolerance(max_logit_diff=-1.0, min_top1_agreement=1.0, greedy_must_match=True)
+    impossible = merge.Tolerance(max_logit_diff=-1.0, top1_min=1.0, greedy_identical=True)
     monkeypatch.setitem(merge.TOLERANCES, "float32", impossible)
     out = tmp_path / "merged"
     result = cli("merge", str(run), "--out", str(out))
@@ -320,7 +317,7 @@ def test_parity_failure_keeps_the_report_and_exits_3(tmp_path, tiny_model_dir, m
 
 
 def test_interrupted_merge_leaves_no_model_behind(tmp_path, tiny_model_dir, monkeypatch):
-    from ftune import merge
+    from ftune.merge import writer as merge
 
     run = make_run(tmp_path, tiny_model_dir)
     real = merge.merged_tensor

@@ -36,7 +36,7 @@ def errors_of(text: str, overrides=()) -> str:
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
 def test_shipped_recipes_validate(path):
     recipe = load_recipe(path)
-    assert recipe.stage in ("sft", "dpo")
+    assert recipe.stage in ("sft", "dpo", "rm", "grpo")
 
 
 def test_minimal_recipe_gets_documented_defaults():

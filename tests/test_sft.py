@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftune.errors import FtuneError
-from ftune import outputs
+from ftune.stopping import Interrupted
 from ftune.stages import sft
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,7 +155,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, tiny_model_dir, m
     resumed = make_recipe(tmp_path / "b", tiny_model_dir)
     resumed.write_text(straight.read_text())
     interrupt_at(monkeypatch, 3)
-    with pytest.raises(outputs.Interrupted) as info:
+    with pytest.raises(Interrupted) as info:
         sft.run(resumed)
     assert info.value.exit_code == 130 and "--resume" in info.value.hint
     run_dir = tmp_path / "b" / "run"

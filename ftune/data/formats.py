@@ -1,18 +1,20 @@
-"""Turn rows of any supported format into one of three shapes ftune trains on.
+"""Turn rows of any supported format into one of four shapes ftune trains on.
 
-- `Chat`: a conversation (system/user/assistant messages), rendered with a chat template;
-  loss goes on assistant turns.
+- `Chat`: a conversation (system/user/assistant/tool messages, tool calls, reasoning: see
+  conversation.py), rendered with a chat template; loss goes on assistant turns.
 - `Raw`: text segments, each trained or not, with no template: plain text for continued
   pretraining, and prompt/completion pairs written as plain strings.
 - `Preference`: a prompt conversation with a chosen and a rejected answer, or (for KTO)
   one answer with a desirable/undesirable label.
+- `Prompt` (GRPO): a conversation ending with the user turn the model answers, with the
+  row's other columns for the reward functions.
 
 A row that cannot be used raises `BadRow` with the reason; the caller adds the place.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 ROLE_ALIASES = {
     "system": "system",
@@ -35,6 +37,7 @@ class BadRow(ValueError):
 @dataclass(frozen=True)
 class Chat:
     messages: tuple[dict, ...]
+    tools: tuple[dict, ...] = ()  # function specs given to the chat template (`tools=`), as a server passes them
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,18 @@ class Preference:
     chosen: tuple[dict, ...] = field(default=())  # assistant message(s) that answer the prompt
     rejected: tuple[dict, ...] = field(default=())
     label: bool | None = None  # KTO: chosen holds the one answer, label says if it is desirable
+    margin: object = None  # the row's `margin` value as read (a reward model with rm.use_margin checks it)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt to sample answers to (GRPO): the conversation up to the answer, as the data gave
+    it (`given`: the prompt text, or the messages), and the row's other columns, which reward
+    functions receive by name (e.g. the expected `answer`)."""
+
+    messages: tuple[dict, ...]
+    given: object
+    columns: dict = field(default_factory=dict)
 
 
 def detect_format(row: dict) -> str:
@@ -74,21 +89,34 @@ def detect_format(row: dict) -> str:
 
 
 def rename_columns(row: dict, columns: dict[str, str]) -> dict:
-    """Apply a recipe's `columns:` mapping (ftune name -> the user's column name)."""
+    """Apply a recipe's `columns:` mapping (ftune name -> the user's column name).
+
+    Every value is taken from the row as read, so a mapping that swaps two names swaps them.
+    """
     if not columns:
         return row
-    out = dict(row)
-    for ours, theirs in columns.items():
-        if theirs not in row:
-            raise BadRow(f"column '{theirs}' (mapped to '{ours}') is missing")
-        out[ours] = out.pop(theirs)
+    missing = [f"'{theirs}' (mapped to '{ours}')" for ours, theirs in columns.items() if theirs not in row]
+    if missing:
+        raise BadRow(f"column {', '.join(missing)} is missing" if len(missing) == 1 else f"columns {', '.join(missing)} are missing")
+    mapped = set(columns.values())
+    out = {key: value for key, value in row.items() if key not in mapped}
+    out.update({ours: row[theirs] for ours, theirs in columns.items()})
     return out
 
 
-def convert(row: dict, fmt: str):
-    """Convert one row of a known format."""
+def kind(value) -> str:
+    """A value's type for messages: Python's name, and null (as the file says) for None."""
+    return "null" if value is None else type(value).__name__
+
+
+def convert(row: dict, fmt: str, *, tools: tuple[dict, ...] = ()):
+    """Convert one row of a known format. `tools`: the source's function specs, for conversations without their own."""
     if not isinstance(row, dict):
-        raise BadRow(f"a row must be an object with named fields, not {type(row).__name__}")
+        raise BadRow(f"a row must be an object with named fields, not {kind(row)}")
+    if fmt in ("messages", "sharegpt"):
+        from ftune.data import conversation  # tool calls, tool results and reasoning (it imports this module)
+
+        return (conversation.messages_chat if fmt == "messages" else conversation.sharegpt_chat)(row, tools)
     return _CONVERTERS[fmt](row)
 
 
@@ -97,7 +125,7 @@ def _text(row: dict, key: str, *, allow_empty: bool = False) -> str:
         raise BadRow(f"missing field '{key}'")
     value = row[key]
     if not isinstance(value, str):
-        raise BadRow(f"field '{key}' must be a string, not {type(value).__name__}")
+        raise BadRow(f"field '{key}' must be a string, not {kind(value)}")
     if not allow_empty and not value.strip():
         raise BadRow(f"field '{key}' is empty")
     return value
@@ -105,14 +133,21 @@ def _text(row: dict, key: str, *, allow_empty: bool = False) -> str:
 
 def _alpaca(row: dict) -> Chat:
     instruction = _text(row, "instruction")
-    extra = row.get("input") or ""
-    if not isinstance(extra, str):
-        raise BadRow(f"field 'input' must be a string, not {type(extra).__name__}")
+    extra, system = (_optional_text(row, key) for key in ("input", "system"))
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output")}]
-    if isinstance(row.get("system"), str) and row["system"].strip():
-        messages.insert(0, {"role": "system", "content": row["system"]})
+    if system.strip():
+        messages.insert(0, {"role": "system", "content": system})
     return Chat(tuple(messages))
+
+
+def _optional_text(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRow(f"field '{key}' must be a string, not {kind(value)}")
+    return value
 
 
 def normalize_messages(items, *, key: str, role_key: str = "role", content_key: str = "content") -> tuple[dict, ...]:
@@ -127,7 +162,7 @@ def normalize_messages(items, *, key: str, role_key: str = "role", content_key: 
             raise BadRow(f"{key}[{i}].{role_key} is {role!r}; expected one of system, user, assistant (or human, gpt)")
         content = message.get(content_key)
         if not isinstance(content, str):
-            raise BadRow(f"{key}[{i}].{content_key} must be a string, not {type(content).__name__}")
+            raise BadRow(f"{key}[{i}].{content_key} must be a string, not {kind(content)}")
         messages.append({"role": ROLE_ALIASES[role.lower()], "content": content})
     return tuple(messages)
 
@@ -142,19 +177,6 @@ def _check_chat(messages: tuple[dict, ...], key: str) -> Chat:
     if messages[0]["role"] == "assistant":
         raise BadRow(f"'{key}' starts with an assistant turn; a conversation starts with a user (or system) turn")
     return Chat(messages)
-
-
-def _messages(row: dict) -> Chat:
-    return _check_chat(normalize_messages(row.get("messages"), key="messages"), "messages")
-
-
-def _sharegpt(row: dict) -> Chat:
-    items = row.get("conversations")
-    role_key, content_key = ("from", "value")
-    if isinstance(items, list) and items and isinstance(items[0], dict) and "role" in items[0]:
-        role_key, content_key = ("role", "content")
-    messages = normalize_messages(items, key="conversations", role_key=role_key, content_key=content_key)
-    return _check_chat(messages, "conversations")
 
 
 def _prompt_completion(row: dict):
@@ -182,6 +204,18 @@ def _answer(value, key: str) -> tuple[dict, ...]:
 
 
 def _preference(row: dict) -> Preference:
+    pair = _pair(row)
+    if _answer_text(pair.chosen) == _answer_text(pair.rejected):
+        # Identical answers give no preference to learn, only a constant loss.
+        raise BadRow("chosen and rejected are the same answer (ignoring whitespace): there is nothing to prefer")
+    return replace(pair, margin=row.get("margin")) if "margin" in row else pair
+
+
+def _answer_text(messages: tuple[dict, ...]) -> str:
+    return " ".join(" ".join(m["content"] for m in messages).split())
+
+
+def _pair(row: dict) -> Preference:
     for key in ("chosen", "rejected"):
         if key not in row or row[key] is None:
             raise BadRow(f"missing field '{key}'")
@@ -203,10 +237,19 @@ def _preference(row: dict) -> Preference:
     return Preference(prompt_m, _answer(chosen, "chosen"), _answer(rejected, "rejected"))
 
 
+# CSV has no booleans, and some datasets write labels as 1/0.
+KTO_LABELS = {True: True, False: False, 1: True, 0: False, "true": True, "false": False, "1": True, "0": False}
+
+
 def _kto(row: dict) -> Preference:
-    label = row.get("label")
-    if not isinstance(label, bool):
-        raise BadRow(f"field 'label' must be true or false, not {label!r}")
+    raw = row.get("label")
+    if raw is None:
+        raise BadRow("missing field 'label'")
+    key = raw.strip().lower() if isinstance(raw, str) else raw
+    if not isinstance(key, (bool, int, float, str)) or key not in KTO_LABELS:
+        shown = repr(raw) if isinstance(raw, (str, int, float)) else kind(raw)
+        raise BadRow(f"field 'label' must be true or false (or 1/0), not {shown}")
+    label = KTO_LABELS[key]
     prompt = row.get("prompt")
     prompt_m = ({"role": "user", "content": _text(row, "prompt")},) if not isinstance(prompt, list) else normalize_messages(prompt, key="prompt")
     return Preference(prompt_m, _answer(row.get("completion"), "completion"), (), label)
@@ -261,10 +304,24 @@ def parse_hh_turns(text: str) -> tuple[dict, ...]:
     return tuple(messages)
 
 
+def _prompts(row: dict) -> Prompt:
+    """A `prompt` column (text, or messages ending with a user turn), or `messages` ending with a user turn."""
+    key = "prompt" if row.get("prompt") is not None else "messages" if row.get("messages") is not None else None
+    if key is None:
+        raise BadRow("a prompt row needs a 'prompt' column (text, or messages ending with a user turn) "
+                     "or 'messages' ending with a user turn")
+    given = row[key]
+    messages = normalize_messages(given, key=key) if isinstance(given, list) else ({"role": "user", "content": _text(row, key)},)
+    if messages[-1]["role"] != "user":
+        raise BadRow(f"'{key}' ends with a {messages[-1]['role']} turn; a prompt ends with the user turn the model answers")
+    if not messages[-1]["content"].strip():
+        raise BadRow(f"'{key}' ends with an empty user turn")
+    return Prompt(messages, given, {k: v for k, v in row.items() if k != key})
+
+
 _CONVERTERS = {
+    "prompts": _prompts,
     "alpaca": _alpaca,
-    "messages": _messages,
-    "sharegpt": _sharegpt,
     "prompt_completion": _prompt_completion,
     "text": _plain_text,
     "preference": _preference,

@@ -9,20 +9,23 @@ float32 (the embedding: 128k tokens x 4096 x 4 bytes = 2 GB for Llama 3 8B), nev
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ftune import __version__
 from ftune.errors import FtuneError
 from ftune.gguf import arch as archs
 from ftune.gguf.formats import OutputType
 from ftune.gguf.vocab import Vocab, llamacpp_model_name, read_vocab, write_vocab
+from ftune.weights import tensor_index
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
+
+WRITTEN_BY_KEY = "ftune.version"  # kept by llama.cpp's quantizer, which copies every key
 
 
 F16_MAX = 65504.0
@@ -81,6 +84,7 @@ def convert(model_dir: Path, out_file: Path, out_type: OutputType, *, name: str)
     writer = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(llamacpp_model_name(name, vocab))
+    writer.add_string(WRITTEN_BY_KEY, f"ftune {__version__}")  # how a later --overwrite knows the file is ftune's
     writer.add_file_type(int(gguf.LlamaFileType[out_type.ftype]))
     if out_type.ggml_type not in ("F32", "F16", "BF16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -109,18 +113,14 @@ def convert(model_dir: Path, out_file: Path, out_type: OutputType, *, name: str)
 
 def plan_tensors(model_dir: Path, arch: archs.Architecture, config: Any, out_type: OutputType) -> list[TensorJob]:
     """Every tensor of the output, in llama.cpp's names, with its shape and type (no data read)."""
-    from safetensors import safe_open
-
     name_map = archs.tensor_name_map(arch, config)
     jobs: list[TensorJob] = []
-    for file, names in _safetensors_files(model_dir).items():
-        with safe_open(file, framework="pt") as handle:
-            for hf_name in names:
-                gguf_name = archs.gguf_tensor_name(arch, config, name_map, hf_name)
-                if gguf_name is None:
-                    continue
-                shape = tuple(handle.get_slice(hf_name).get_shape())
-                jobs.append(TensorJob(gguf_name, shape, _tensor_type(gguf_name, shape, out_type, config), _loader(file, hf_name, arch, config)))
+    for hf_name, info in tensor_index(model_dir).items():
+        gguf_name = archs.gguf_tensor_name(arch, config, name_map, hf_name)
+        if gguf_name is None:
+            continue
+        kind = _tensor_type(gguf_name, info.shape, out_type, config)
+        jobs.append(TensorJob(gguf_name, info.shape, kind, _loader(info.file, hf_name, arch, config)))
     names = {job.name for job in jobs}
     if "token_embd.weight" not in names or ("output.weight" not in names and not getattr(config, "tie_word_embeddings", False)):
         raise FtuneError(
@@ -132,38 +132,9 @@ def plan_tensors(model_dir: Path, arch: archs.Architecture, config: Any, out_typ
     return sorted(jobs, key=_file_order)
 
 
-def _safetensors_files(model_dir: Path) -> dict[Path, list[str]]:
-    """safetensors file -> the tensor names it holds (single file or sharded with an index)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files: dict[Path, list[str]] = {}
-        for tensor, file in weight_map.items():
-            files.setdefault(model_dir / file, []).append(tensor)
-        return files
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(single, framework="pt") as handle:
-            return {single: list(handle.keys())}
-    if any(model_dir.glob("*.bin")):
-        raise FtuneError(
-            f"{model_dir} has no safetensors weights; ftune does not load pickle-based .bin files",
-            hint="convert the checkpoint to safetensors first",
-        )
-    raise FtuneError(f"{model_dir} has no model.safetensors (or model.safetensors.index.json)")
-
-
 def source_precision(model_dir: Path) -> str:
     """The lossless output type for the checkpoint's own float precision: "f32", "bf16" or "f16"."""
-    import struct
-
-    file = next(iter(_safetensors_files(model_dir)))
-    with open(file, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    dtypes = {entry["dtype"] for key, entry in header.items() if key != "__metadata__"}
+    dtypes = {info.dtype for info in tensor_index(model_dir).values()}
     for dtype, name in (("F32", "f32"), ("BF16", "bf16"), ("F16", "f16")):
         if dtype in dtypes:
             return name

@@ -16,20 +16,9 @@ import difflib
 from dataclasses import dataclass
 
 from ftune.errors import FtuneError
+from ftune.parity import Tolerance as Tolerance  # how close llama.cpp must stay to transformers, per type
 
 LLAMACPP_INSTALL = "pip install 'ftune[llamacpp]'  (llama-cpp-python)"
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """How close llama.cpp running the file must stay to transformers running the source."""
-
-    top1_min: float
-    """Least share of positions whose most likely next token is the same on both sides."""
-    kl_max: float
-    """Largest mean KL divergence (nats) between the two next-token distributions."""
-    greedy_identical: bool
-    """Whether greedy continuations must be token-for-token identical."""
 
 
 @dataclass(frozen=True)

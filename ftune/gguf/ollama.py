@@ -11,16 +11,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ftune.errors import FtuneError
 from ftune.gguf.vocab import Vocab
 from ftune.runs import atomic_file
 
 MODELFILE = "Modelfile"
+WRITTEN_BY = "# Written by ftune export-gguf."  # the first line: what makes a Modelfile ftune's
 
 
 def modelfile_text(gguf_name: str, vocab: Vocab) -> str:
     match = vocab.template
     lines = [
-        f"# Written by ftune export-gguf. In this directory: ollama create <name> -f {MODELFILE}",
+        f"{WRITTEN_BY} In this directory: ollama create <name> -f {MODELFILE}",
         f"FROM ./{gguf_name}",
     ]
     if match.style is not None:
@@ -45,16 +47,36 @@ def stop_strings(vocab: Vocab) -> list[str]:
     return stops
 
 
-def write_modelfile(gguf_path: Path, vocab: Vocab, *, overwrite: bool) -> Path:
-    """Write the Modelfile beside `gguf_path`; returns where it went.
-
-    One directory may hold several exports (f16 and q4_k_m): `Modelfile` is replaced when it
-    was written for this same file (or with --overwrite); a Modelfile for another file is kept
-    and this one is written as `<name>.Modelfile`.
-    """
-    target = gguf_path.parent / MODELFILE
-    if target.exists() and not overwrite and f"FROM ./{gguf_path.name}\n" not in target.read_text(encoding="utf-8", errors="replace"):
-        target = gguf_path.with_name(f"{gguf_path.stem}.{MODELFILE}")
+def write_modelfile(gguf_path: Path, vocab: Vocab) -> Path:
+    """Write the Modelfile beside `gguf_path` (where `modelfile_target` says); returns where it went."""
+    target = modelfile_target(gguf_path)
     with atomic_file(target) as handle:
         handle.write(modelfile_text(gguf_path.name, vocab))
     return target
+
+
+def modelfile_target(gguf_path: Path) -> Path:
+    """`Modelfile`, or `<name>.Modelfile` when `Modelfile` belongs to something else.
+
+    One directory may hold several exports (f16 and q4_k_m), and files ftune did not write.
+    A Modelfile is replaced only when ftune wrote it for this same file, with or without
+    --overwrite; when neither name is free, the export is refused before any work.
+    """
+    candidates = [gguf_path.parent / MODELFILE, gguf_path.with_name(f"{gguf_path.stem}.{MODELFILE}")]
+    for target in candidates:
+        if not target.exists() and not target.is_symlink():
+            return target
+        if written_for(target, gguf_path.name):
+            return target
+    raise FtuneError(
+        f"{candidates[0]} and {candidates[1]} belong to another model or were not written by ftune",
+        place="--out", hint="ftune replaces only a Modelfile it wrote for this file; export into another directory",
+    )
+
+
+def written_for(modelfile: Path, gguf_name: str) -> bool:
+    """A Modelfile ftune wrote for `gguf_name`: ftune's first line, and FROM that file."""
+    if modelfile.is_symlink() or not modelfile.is_file() or modelfile.stat().st_size > 2**20:
+        return False
+    text = modelfile.read_text(encoding="utf-8", errors="replace")
+    return text.startswith(WRITTEN_BY) and f"\nFROM ./{gguf_name}\n" in text

@@ -240,12 +240,26 @@ def match_template(tokenizer: Any, *, runtime_adds_bos: bool) -> TemplateMatch:
     bos = tokenizer.bos_token if runtime_adds_bos else None
     proofs = [(style, *_prove(style, tokenizer, bos)) for style in candidates]
     style, agreed, total, default_system = max(proofs, key=lambda proof: proof[1])
+    # The Go templates render text turns only; a template with tools loses them in Ollama (not in llama.cpp,
+    # which runs the GGUF's own jinja template).
+    tools = [f"the chat template renders tools and tool calls, which the Modelfile's {style.name} TEMPLATE does not: "
+             "Ollama serves this model without tool calling; llama.cpp reads the GGUF's own template"] if _renders_tools(tokenizer) else []
     if total and agreed == total:
-        return TemplateMatch(style, True, default_system)
+        return TemplateMatch(style, True, default_system, notes=tools)
     return TemplateMatch(
         style, False, default_system,
-        notes=[f"the chat template looks like {style.name} but renders differently in detail; check the Modelfile TEMPLATE"],
+        notes=[f"the chat template looks like {style.name} but renders differently in detail; check the Modelfile TEMPLATE", *tools],
     )
+
+
+def _renders_tools(tokenizer: Any) -> bool:
+    probe = {"type": "function", "function": {"name": "ftune_probe_tool", "parameters": {"type": "object", "properties": {}}}}
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi."}], tools=[probe], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # a template that refuses tools does not render them
+        return False
+    return "ftune_probe_tool" in text
 
 
 def _prove(style: ChatStyle, tokenizer: Any, bos: str | None) -> tuple[int, int, str | None]:

@@ -8,6 +8,8 @@ Three checks, each with the tolerance of the output type (formats.Tolerance):
    and the mean KL divergence between the two softmaxes.
 3. greedy continuations from chat prompts, token for token.
 
+The prompts, the tolerance and the greedy loop on the transformers side are the ones merge
+parity uses (ftune/parity.py): a merged model's own run supplies its held-out prompts.
 The report is a plain dict (saved as JSON next to the file) and a rich table.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ftune.errors import FtuneError
 from ftune.gguf.formats import LLAMACPP_INSTALL, OutputType
+from ftune.parity import GREEDY_TOKENS, greedy_continuation, held_out_prompts, render_plain
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,13 +55,7 @@ SAMPLE_TEXTS = [
     " ",
     "\n",
 ]
-GREEDY_TOKENS = 16
 MAX_PROMPT_TOKENS = 112  # with the greedy tokens, a 128-token context
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "List three prime numbers.",
-]
 
 
 def require_llama_cpp(purpose: str) -> Any:
@@ -121,10 +119,11 @@ class Reference:
     model_dir: Path
     tokenizer: Any
     prompts: list[list[int]]
+    """The chat prompts, then one plain text (logits only)."""
     logits: list[np.ndarray]
     """Next-token logits at every position of each prompt."""
     greedy: list[tuple[list[int], list[float]]]
-    """Greedy continuation of each chat prompt, and the top-two logit margin at each step."""
+    """Greedy continuation of each chat prompt (to end of text), and the top-two logit margin at each step."""
 
 
 def reference_outputs(model_dir: Path) -> Reference:
@@ -134,12 +133,27 @@ def reference_outputs(model_dir: Path) -> Reference:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    prompts = _prompt_ids(tokenizer)
-    with torch_threads(worker_threads()), torch.no_grad():
-        logits = [model(torch.tensor([ids])).logits[0].float().numpy() for ids in prompts]
-        greedy = [_greedy_transformers(model, ids, GREEDY_TOKENS) for ids in prompts[: len(CHAT_PROMPTS)]]
-    return Reference(Path(model_dir), tokenizer, prompts, logits, greedy)
+    chat = _chat_prompt_ids(tokenizer, merged_run_prompts(Path(model_dir)))
+    plain = tokenizer(SAMPLE_TEXTS[11] + SAMPLE_TEXTS[5], add_special_tokens=True)["input_ids"][:MAX_PROMPT_TOKENS]
+    with torch_threads(worker_threads()):
+        runs = [greedy_continuation(model, ids, GREEDY_TOKENS, stop_id=tokenizer.eos_token_id) for ids in chat]
+        runs.append(greedy_continuation(model, plain, 0))
+    logits = [run.logits.numpy() for run in runs]
+    greedy = [(run.tokens, run.margins) for run in runs[: len(chat)]]
+    return Reference(Path(model_dir), tokenizer, [*chat, plain], logits, greedy)
+
+
+def merged_run_prompts(model_dir: Path) -> Path | None:
+    """The held-out prompts of the run a merged model came from (its merge.json names the run), if still there."""
+    from ftune.merge.support import MERGE_FILE
+    from ftune.runs import EVAL_PROMPTS_FILE
+
+    try:
+        source = json.loads((model_dir / MERGE_FILE).read_text(encoding="utf-8"))["source"]
+        prompts = Path(source) / EVAL_PROMPTS_FILE
+        return prompts if prompts.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):  # not a merged model, or not one ftune described
+        return None
 
 
 def verify_gguf(
@@ -254,19 +268,13 @@ def detokenize(llm: Any, ids: list[int]) -> str:
         size = -n + 1
 
 
-def _prompt_ids(tokenizer: Any) -> list[list[int]]:
-    """Chat prompts as the model sees them in use, plus one plain text."""
+def _chat_prompt_ids(tokenizer: Any, prompts_file: Path | None) -> list[list[int]]:
+    """The held-out prompts as llama.cpp sees them in use: with the BOS it adds before a prompt."""
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer(".", add_special_tokens=True)["input_ids"][:1] == [bos]
     prompts = []
-    for question in CHAT_PROMPTS:
-        if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if tokenizer.bos_token_id is not None and tokenizer(".", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id] and ids[:1] != [tokenizer.bos_token_id]:
-                ids = [tokenizer.bos_token_id] + ids  # llama.cpp adds BOS before a chat prompt too
-        else:
-            ids = tokenizer(question, add_special_tokens=True)["input_ids"]
-        prompts.append(ids[-MAX_PROMPT_TOKENS:])
-    prompts.append(tokenizer(SAMPLE_TEXTS[11] + SAMPLE_TEXTS[5], add_special_tokens=True)["input_ids"][:MAX_PROMPT_TOKENS])
+    for ids in held_out_prompts(tokenizer, prompts_file, max_tokens=MAX_PROMPT_TOKENS - 1):
+        prompts.append([bos, *ids] if adds_bos and ids[:1] != [bos] else ids)
     return prompts
 
 
@@ -334,21 +342,6 @@ def compare_greedy(reference: Reference, llm: Any) -> list[dict]:
     return results
 
 
-def _greedy_transformers(model: Any, ids: list[int], n_tokens: int) -> tuple[list[int], list[float]]:
-    import torch
-
-    out, margins = [], []
-    result = model(torch.tensor([ids]), use_cache=True)
-    for _ in range(n_tokens):
-        logits = result.logits[0, -1].float()
-        top2 = torch.topk(logits, 2).values
-        token = int(logits.argmax())
-        out.append(token)
-        margins.append(float(top2[0] - top2[1]))
-        result = model(torch.tensor([[token]]), past_key_values=result.past_key_values, use_cache=True)
-    return out, margins
-
-
 def _greedy_llama(llm: Any, ids: list[int], n_tokens: int) -> list[int]:
     import numpy as np
 
@@ -364,9 +357,6 @@ def _greedy_llama(llm: Any, ids: list[int], n_tokens: int) -> list[int]:
 
 def render_report(report: dict) -> str:
     """The parity report as a table (rich, plain text), one row per check, and the verdict."""
-    import io
-
-    from rich.console import Console
     from rich.table import Table
 
     tok, lg = report["tokenization"], report["logits"]
@@ -390,11 +380,7 @@ def render_report(report: dict) -> str:
     if "greedy continuations identical" not in report["checks"]:
         table.add_row("greedy continuations (not required)", measured["greedy continuations identical"], "-")
     table.add_row("max |logit difference|", f"{lg['max_abs_logit_diff']:.3g}", "-")
-    buffer = io.StringIO()
-    console = Console(file=buffer, width=100, color_system=None)
-    console.print(table)
-    console.print(f"{'PASS' if report['passed'] else 'FAIL'}: {report['type']} parity with the source model")
-    return buffer.getvalue().rstrip()
+    return render_plain(table, f"{'PASS' if report['passed'] else 'FAIL'}: {report['type']} parity with the source model")
 
 
 def first_problem(report: dict) -> str:

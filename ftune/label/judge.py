@@ -1,0 +1,245 @@
+"""Decisions without a person at the keys: a judge function, or a file of decisions.
+
+A judge is a Python function named on the command line as `path.py:function`, loaded from
+that file only (its folder is not put on the import path) and only when named:
+
+    def judge(prompt: str, answers: list[str]):
+        return ["good", "bad", None]      # a label per answer (None: leave it unlabelled);
+                                          # ("bad", "why") adds a failure note
+        return 2                          # or the index (from 0) of the best answer
+        return "skip"                     # or skip the prompt; None leaves it undecided
+
+A decisions file (JSON list, or JSON lines) holds one object per prompt, naming it by
+`line` (in the prompts file) or by its exact `prompt` text, with the same choices:
+`{"line": 3, "labels": ["good", "bad"], "notes": [null, "too curt"]}`, `{"line": 4, "best": 0}`,
+`{"prompt": "Hi", "skip": true}`. Answers are numbered as the session stores them (see
+report.json or --generate-only).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import numbers
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftune.errors import FtuneError
+from ftune.label.session import BAD, GOOD, Item
+
+EXPECTED = "a list of {n} labels ('good', 'bad', None, or ('bad', 'note')), the index of the best answer (0 to {last}), 'skip' or None"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    labels: list[str | None] | None = None
+    notes: list[str | None] | None = None
+    best: int | None = None
+    skip: bool = False
+
+    def apply(self, item: Item) -> None:
+        """Fill what is still open in `item`: a person's earlier labels stay."""
+        if self.skip:
+            item.skipped = True
+        if self.best is not None:
+            item.best = self.best
+        for i, label in enumerate(self.labels or []):
+            if label is not None and item.labels[i] is None:
+                item.labels[i] = label
+                if label == BAD and self.notes and self.notes[i]:
+                    item.notes[i] = self.notes[i]
+
+
+def interpret(value, n: int, notes=None) -> Verdict | str:
+    """A judge's (or decision's) answer as a Verdict, or the reason it cannot be one."""
+    expected = EXPECTED.format(n=n, last=n - 1)
+    if value is None:
+        return Verdict()
+    if isinstance(value, str) and value == "skip":
+        return Verdict(skip=True)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):  # numpy's integers too
+        value = int(value)
+        return Verdict(best=value) if 0 <= value < n else f"best answer {value} is out of range; expected {expected}"
+    if not isinstance(value, (list, tuple)):
+        return f"expected {expected}"
+    if len(value) != n:
+        return f"{len(value)} labels for {n} answers; expected {expected}"
+    labels: list[str | None] = []
+    found_notes: list[str | None] = list(notes) if notes is not None else [None] * n
+    for i, entry in enumerate(value):
+        note = None
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], str):
+            entry, note = entry
+        if entry not in (GOOD, BAD, None):
+            return f"label {i} is {entry!r:.60}; expected {expected}"
+        labels.append(entry)
+        if note:
+            found_notes[i] = note
+    return Verdict(labels=labels, notes=found_notes)
+
+
+def describe(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+# --------------------------------------------------------------------------- judge functions
+
+
+@dataclass(frozen=True)
+class Judge:
+    spec: str  # as given: path.py:function
+    path: Path
+    function: Callable
+
+
+def load_judge(spec: str) -> Judge:
+    file_part, sep, name = spec.rpartition(":")
+    if not sep or not file_part or not name:
+        raise FtuneError(f"--judge expects path.py:function, not {spec!r}")
+    path = Path(file_part).expanduser()
+    if not path.is_file():
+        raise FtuneError(f"judge file {path} does not exist", hint="--judge expects path.py:function")
+    if not name.isidentifier():
+        raise FtuneError(f"--judge names {name!r}, which is not a Python function name", place=str(path))
+    module_name = "ftune_judge_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise FtuneError("a judge must be a Python file (path.py:function)", place=str(path))
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module  # dataclasses and pickling inside the judge look their module up here
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        sys.modules.pop(module_name, None)
+        raise FtuneError(f"invalid Python: {exc.msg}", place=f"{path} line {exc.lineno}") from None
+    except Exception as exc:  # anything the user's module does on import
+        sys.modules.pop(module_name, None)
+        raise FtuneError(f"loading the judge raised {_exception(exc)}{_frames(exc, path)}", place=str(path)) from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module_name]
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else (f"functions there: {', '.join(names)}" if names else None)
+        what = "there is no function" if function is None else "not a function:"
+        raise FtuneError(f"{what} '{name}' (from --judge {spec})", place=str(path), hint=hint)
+    return Judge(spec, path, function)
+
+
+def ask(judge: Judge, item: Item, place: str) -> Verdict:
+    """The judge's verdict on one prompt; its failures name the function and the prompt's line."""
+    try:
+        value = judge.function(item.prompt, list(item.answers))
+    except Exception as exc:
+        raise FtuneError(f"judge {judge.spec} raised {_exception(exc)}{_frames(exc, judge.path)}", place=place,
+                         hint="decisions so far are saved; fix the judge and run the same command to continue") from None
+    verdict = interpret(value, len(item.answers))
+    if isinstance(verdict, str):
+        raise FtuneError(f"judge {judge.spec} returned {describe(value)}: {verdict}", place=place)
+    return verdict
+
+
+def _exception(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _frames(exc: BaseException, path: Path) -> str:
+    """The traceback from the first frame in the user's file on: ftune's own frames say nothing to them."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    target = str(path.resolve())
+    start = next((i for i, frame in enumerate(frames) if str(Path(frame.filename).resolve()) == target), None)
+    if start is None:
+        return ""
+    return "\n" + "".join(traceback.format_list(frames[start:])).rstrip("\n")
+
+
+# --------------------------------------------------------------------------- decisions files
+
+
+@dataclass(frozen=True)
+class Decision:
+    place: str  # where in the decisions file
+    index: int  # the item it decides
+    value: object  # labels list, best index, 'skip'
+    notes: list | None
+
+
+KEYS = ("line", "prompt", "labels", "notes", "best", "skip")
+
+
+def read_decisions(path: Path, items: list[Item], prompts_file: str) -> list[Decision]:
+    """Every decision of the file, checked against the prompts; answer counts are checked later."""
+    from ftune.data.sources import read_source
+
+    if not path.is_file():
+        raise FtuneError(f"decisions file {path} does not exist")
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        raise FtuneError("a decisions file is JSON (a list of objects) or JSON lines (.json or .jsonl)", place=str(path))
+    rows, _ = read_source(str(path), base_dir=Path())  # places name the file as the user did
+    by_line = {item.line: i for i, item in enumerate(items)}
+    seen: dict[int, str] = {}
+    decisions = []
+    for row in rows:
+        entry, place = row.data, row.place
+        if not isinstance(entry, dict):
+            raise FtuneError(f"a decision is an object, not {type(entry).__name__}", place=place)
+        for key in entry:
+            if key not in KEYS:
+                close = difflib.get_close_matches(key, KEYS, n=1)
+                raise FtuneError(f"unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(KEYS)}"), place=place)
+        index = _which(entry, by_line, items, place, prompts_file)
+        if index in seen:
+            raise FtuneError(f"the prompt on line {items[index].line} is decided twice (also at {seen[index]})", place=place)
+        seen[index] = place
+        choices = [key for key in ("labels", "best", "skip") if key in entry]
+        if len(choices) != 1:
+            raise FtuneError("a decision needs exactly one of 'labels', 'best' or 'skip'", place=place)
+        value = entry[choices[0]]
+        if choices[0] == "skip":
+            if value is not True:
+                raise FtuneError(f"'skip' must be true, not {describe(value)}", place=place)
+            value = "skip"
+        elif choices[0] == "best" and (not isinstance(value, int) or isinstance(value, bool)):
+            raise FtuneError(f"'best' must be an answer's index (from 0), not {describe(value)}", place=place)
+        elif choices[0] == "labels" and not isinstance(value, list):
+            raise FtuneError(f"'labels' must be a list ('good', 'bad' or null per answer), not {describe(value)}", place=place)
+        notes = entry.get("notes")
+        if notes is not None and (choices[0] != "labels" or not isinstance(notes, list)
+                                  or not all(note is None or isinstance(note, str) for note in notes)):
+            raise FtuneError("'notes' goes with 'labels': a list of strings or null, one per answer", place=place)
+        decisions.append(Decision(place, index, value, notes))
+    return decisions
+
+
+def _which(entry: dict, by_line: dict[int, int], items: list[Item], place: str, prompts_file: str) -> int:
+    line, prompt = entry.get("line"), entry.get("prompt")
+    if line is None and prompt is None:
+        raise FtuneError("a decision names its prompt by 'line' (in the prompts file) or by 'prompt' (its text)", place=place)
+    if line is not None:
+        if not isinstance(line, int) or isinstance(line, bool) or line not in by_line:
+            raise FtuneError(f"there is no prompt on line {describe(line)} of {prompts_file}", place=place)
+        index = by_line[line]
+        if prompt is not None and prompt != items[index].prompt:
+            raise FtuneError(f"line {line} of {prompts_file} holds {items[index].prompt!r:.60}, not {describe(prompt)}", place=place)
+        return index
+    matches = [i for i, item in enumerate(items) if item.prompt == prompt]
+    if not matches:
+        raise FtuneError(f"no prompt in {prompts_file} is {describe(prompt)}", place=place)
+    if len(matches) > 1:
+        lines = ", ".join(str(items[i].line) for i in matches)
+        raise FtuneError(f"the prompt {describe(prompt)} is on lines {lines} of {prompts_file}", place=place, hint="name it by 'line'")
+    return matches[0]
+
+
+def verdict_for(decision: Decision, item: Item) -> Verdict:
+    n = len(item.answers)
+    if decision.notes is not None and len(decision.notes) != n:
+        raise FtuneError(f"{len(decision.notes)} notes for {n} answers", place=decision.place)
+    verdict = interpret(decision.value, n, decision.notes)
+    if isinstance(verdict, str):
+        raise FtuneError(f"{verdict} (the prompt on line {item.line} has {n} distinct answers)", place=decision.place)
+    return verdict

@@ -1,0 +1,1 @@
+"""Online reinforcement learning for `ftune grpo`: rewards, losses and sampling."""
