@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ftune import runs, steps, training
+from ftune import continuing, steps, training
 from ftune.data.pipeline import load_samples
 from ftune.errors import FtuneError
 from ftune.preference import REFERENCE_FREE, PairSet, encode_pairs, preference_loss, reward_metrics, sequence_logps
@@ -39,7 +39,7 @@ def inputs(recipe: Recipe, base_dir: Path, smoke: bool) -> Inputs:
     """The SFT run this continues (if any) fixes the base model and the starting adapter."""
     if not recipe.preference.init_from:
         return loop.base_inputs(recipe, base_dir, smoke)
-    run_dir, adapter, model_path = runs.init_from_run(recipe.preference.init_from, recipe, base_dir, smoke=smoke,
+    run_dir, adapter, model_path = continuing.init_from_run(recipe.preference.init_from, recipe, base_dir, smoke=smoke,
                                                       key="preference.init_from")
     return Inputs(model_path, adapter, f"the SFT run {run_dir}")
 

@@ -15,14 +15,13 @@ stages/loop.py does the rest: model, optimizer, resume, the steps, checkpoints, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ftune import adapters, outputs, runs, steps, training
+from ftune import adapters, continuing, outputs, steps, training
 from ftune.data.chat import IGNORE
 from ftune.data.prompts import PromptSet, load_prompts
 from ftune.progress import console
@@ -48,7 +47,7 @@ def inputs(recipe: Recipe, base_dir: Path, smoke: bool) -> Inputs:
     """The SFT run this continues (if any) fixes the base model and the starting adapter."""
     if not recipe.grpo.init_from:
         return loop.base_inputs(recipe, base_dir, smoke)
-    run_dir, adapter, model_path = runs.init_from_run(recipe.grpo.init_from, recipe, base_dir, smoke=smoke, key="grpo.init_from")
+    run_dir, adapter, model_path = continuing.init_from_run(recipe.grpo.init_from, recipe, base_dir, smoke=smoke, key="grpo.init_from")
     return Inputs(model_path, adapter, f"the SFT run {run_dir}")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ftune import reward, runs, scoring, steps, training
+from ftune import continuing, reward, scoring, steps, training
 from ftune.data.pipeline import load_samples
 from ftune.errors import FtuneError
 from ftune.preference import PairSet
@@ -37,7 +37,7 @@ def inputs(recipe: Recipe, base_dir: Path, smoke: bool) -> Inputs:
     """The SFT run the reward model starts from (if any) fixes the base model and the adapter's first weights."""
     if not recipe.rm.init_from:
         return loop.base_inputs(recipe, base_dir, smoke)
-    run_dir, adapter, model_path = runs.init_from_run(recipe.rm.init_from, recipe, base_dir, smoke=smoke, key="rm.init_from")
+    run_dir, adapter, model_path = continuing.init_from_run(recipe.rm.init_from, recipe, base_dir, smoke=smoke, key="rm.init_from")
     return Inputs(model_path, adapter, f"the SFT run {run_dir}")
 
 
