@@ -277,7 +277,7 @@ def test_every_number_field_is_bounded():
     assert len(FLOAT_FIELDS) >= 14 and len(INT_FIELDS) >= 19
     for key, _ in INT_FIELDS:
         section, name = key.rsplit(".", 1)
-        model = recipes.DataSource if section == "data.train.0" else recipes._model_at((section,))
+        model = recipes.DataSource if section == "data.train.0" else recipes._model_at((section.split(".")[0],))
         limits = [m for m in model.model_fields[name].metadata if hasattr(m, "le") or hasattr(m, "lt")]
         assert limits, f"{key} has no upper bound"
 

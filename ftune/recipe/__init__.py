@@ -55,6 +55,7 @@ from ftune.recipe.loading import (
     parse_recipe,
     output_dir_problem,
     _inner_model,
+    _model_at,
 )
 from ftune.recipe.schema import (
     recipe_to_yaml,
