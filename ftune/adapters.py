@@ -292,7 +292,6 @@ def virtual_token_hidden(model, decoder, input_ids, position_ids, targets, atten
 
 def _one_sample_per_row(input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor):
     """Packed rows unpacked: each sample that has targets on a row of its own, right-padded."""
-    import torch
 
     from ftune.attention import segments
     from ftune.data.chat import IGNORE

@@ -197,6 +197,20 @@ def estimate(recipe, count: ModelCount, *, tokens: int, labelled: int, device: s
     return MemoryEstimate(tuple(lines), checkpointing, full_line if checkpointing else ckpt_line, device)
 
 
+def _generation(recipe, count: ModelCount, w: int, training_peak: float) -> Line:
+    """GRPO samples a whole group with a KV cache before each step's forward and backward, so only
+    what the cache and the sampling logits need beyond the training activations adds to the peak."""
+    grpo = recipe.grpo
+    sequences = recipe.training.batch_size * grpo.num_generations
+    context = recipe.data.max_length  # prompt + completion
+    cache = count.layers * 2 * count.kv_dim * context * sequences * w
+    logits = sequences * count.vocab * 4
+    extra = max(0.0, cache + logits - training_peak)
+    return Line("generation (beyond activations)", extra,
+                f"KV cache {count.layers} layers x 2 x {count.kv_dim} x {context:,} tokens x {sequences} sequences x {w} B "
+                f"+ logits {sequences} x {count.vocab:,} x 4 B, less the {gib(training_peak)} of activations it replaces")
+
+
 def _with_virtual_tokens(recipe, count: ModelCount, tokens: int, b: int) -> tuple[int, float, str]:
     """(tokens the layers run on, bytes beyond their per-token terms, a note for the formula).
 
