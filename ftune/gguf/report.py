@@ -140,7 +140,7 @@ def prepare(model: str, request: Request) -> EvalData:
         held_out = evaluate.own_recipe([target], [])
     elif not Path(request.data).is_file():
         raise FtuneError(f"data file {request.data} does not exist", place="--data")
-    eval_set, tokenizer, source = evaluate.eval_data([target], held_out, request.data, EVAL_MAX_LENGTH, None, False)
+    _recipe, eval_set, tokenizer, source = evaluate.eval_data([target], held_out, request.data, EVAL_MAX_LENGTH, None, False)
     # The first built-in parity question in the model's chat template: the same prompt for every type.
     prompt = held_out_prompts(tokenizer, None, max_tokens=256)[0]
     return EvalData(eval_set, tokenizer, source, prompt)
