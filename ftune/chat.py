@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ftune import models
 from ftune.errors import FtuneError
+from ftune.recipe import CHAT_TEMPLATE_NAMES
 from ftune.runs import RUN_FILE, read_run
 
 COMMANDS = "/system TEXT sets the system prompt, /reset starts over, /quit (or Ctrl-D) leaves"
@@ -70,14 +71,11 @@ def resolve(spec: str, *, base_dir: Path | None = None, trust_remote_code: bool 
                   trust_remote_code=trust_remote_code)
 
 
-NAMED_TEMPLATE_VALUES = ("auto", "chatml", "alpaca", "llama3")  # data.chat_template values that are names
-
-
 def _resolve_run(spec: str, run_dir: Path, trust_remote_code: bool) -> Target:
     run = read_run(run_dir)
     recipe = run.recipe()  # the chat format it trained with (its trust_remote_code is not read)
     chat_template = recipe.data.chat_template if recipe else "auto"
-    if chat_template not in NAMED_TEMPLATE_VALUES:
+    if chat_template not in CHAT_TEMPLATE_NAMES:
         chat_template = "auto"  # a template file or inline text: the run saved it as its tokenizer's chat_template
     system_prompt = recipe.data.system_prompt if recipe else None
     if (run.model_dir / "config.json").is_file():  # full fine-tuning: a whole model

@@ -40,7 +40,7 @@ from ftune.data.formats import Chat
 from ftune.data.packing import Encoded
 from ftune.errors import FtuneError
 from ftune.preference import PairSet, encode_pairs, packed_rows
-from ftune.recipe import Recipe
+from ftune.recipe import CHAT_TEMPLATE_NAMES, Recipe
 
 HEAD = "score"  # transformers' name for the head of its decoder sequence-classification models
 TASK_TYPE = "SEQ_CLS"  # peft's task for them: the head goes into modules_to_save
@@ -360,7 +360,7 @@ def load(path: Path, *, device=None, trust_remote_code: bool = False) -> RewardM
         if not run.completed:
             raise FtuneError(f"{path} is not a completed run (status: {run.status})", hint="score with a finished reward model")
         recipe = run.recipe()
-        if recipe is not None and recipe.data.chat_template in ("auto", "chatml", "alpaca", "llama3"):
+        if recipe is not None and recipe.data.chat_template in CHAT_TEMPLATE_NAMES:
             template = recipe.data.chat_template  # a template file was saved into the tokenizer: auto finds it
         system = recipe.data.system_prompt if recipe is not None else None
         quantization = QuantizationSection.model_validate(run.quantization) if run.quantization else None

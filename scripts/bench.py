@@ -3,7 +3,7 @@
     python scripts/bench.py                        # the defaults (about 25 min on 2 CPU cores)
     python scripts/bench.py --steps 6 --repeats 3  # steadier medians, about 3x longer
     python scripts/bench.py --skip dpo merge export
-    python scripts/bench.py --skip startup sft dpo merge export gpu   # the reward-model part alone
+    python scripts/bench.py --skip startup sft dpo grpo merge export gpu   # the reward-model part alone
     python scripts/bench.py --report-only bench.json   # rewrite BENCHMARKS.md from earlier figures
 
 What is measured, and how (BENCHMARKS.md repeats this next to the figures):

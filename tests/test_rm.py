@@ -362,8 +362,6 @@ def test_bad_input_gets_a_clear_message_and_changes_nothing(name, tmp_path, tiny
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(__import__("os").environ.get("FTUNE_RUN_PROOFS") != "1",
-                    reason="demo proof of an open issue, its figures not yet measured: FTUNE_RUN_PROOFS=1 runs it")
 def test_the_demo_recipe_lifts_held_out_accuracy(tmp_path, demo_model_dir):
     from ftune.stages import rm
 
