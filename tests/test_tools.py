@@ -283,8 +283,6 @@ def test_a_custom_template_reaches_the_adapter_the_merged_model_the_gguf_and_the
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(__import__("os").environ.get("FTUNE_RUN_PROOFS") != "1",
-                    reason="demo proof of an open issue, its figures not yet measured: FTUNE_RUN_PROOFS=1 runs it")
 def test_the_tool_calling_demo_learns_to_call_the_right_function(tmp_path):
     import sys
 
