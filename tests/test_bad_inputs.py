@@ -4,7 +4,9 @@ a non-zero exit, no traceback, and leaves the disk as it was."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -137,31 +139,47 @@ def silent_template_model(tmp: Path, model: Path) -> Path:
     return target
 
 
-def snapshot(root: Path) -> list[tuple[str, int, int]]:
-    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
+def snapshot(root: Path) -> list:
+    """Names, sizes, times and contents of everything under root (links as links: they may be broken)."""
+    def content(path: Path) -> str:
+        if path.is_symlink():
+            return "-> " + os.readlink(path)
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+
+    return sorted((str(p.relative_to(root)), p.lstat().st_size, p.lstat().st_mtime_ns, content(p)) for p in root.rglob("*"))
 
 
 def invoke(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
     """The real entry point, in-process: what a user sees on the terminal and the exit code."""
-    monkeypatch.setattr(sys, "argv", ["ftune", *argv])
+    monkeypatch.setattr(sys, "argv", ["ftune", *map(str, argv)])
     with pytest.raises(SystemExit) as info:
         cli.main()
     captured = capsys.readouterr()
-    return info.value.code, captured.out + captured.err
+    return info.value.code or 0, captured.out + captured.err
 
 
-@pytest.mark.parametrize("name", CASES, ids=list(CASES))
-def test_bad_input_gets_a_clear_message_and_changes_nothing(name, tmp_path, tiny_model_dir, monkeypatch, capsys):
-    build, needles = CASES[name]
-    argv = build(tmp_path, tiny_model_dir)
-    before = snapshot(tmp_path)
-    code, output = invoke(argv, monkeypatch, capsys)
+def assert_refused(code, output: str, needles: list[str]) -> None:
+    """A clear refusal: a non-zero exit, an error line holding every needle, no traceback."""
     assert code not in (0, None), output
     assert "error: " in output, output
     for needle in needles:
         assert needle in output, f"{needle!r} not in:\n{output}"
     assert "Traceback" not in output
-    assert snapshot(tmp_path) == before, "a failed command must leave the disk as it was"
+
+
+def refused(argv: list[str], needles: list[str], root: Path, monkeypatch, capsys) -> str:
+    """Run the command, assert it is refused clearly, and that every file under root is as it was."""
+    before = snapshot(root)
+    code, output = invoke(argv, monkeypatch, capsys)
+    assert_refused(code, output, needles)
+    assert snapshot(root) == before, "a failed command must leave the disk as it was"
+    return output
+
+
+@pytest.mark.parametrize("name", CASES, ids=list(CASES))
+def test_bad_input_gets_a_clear_message_and_changes_nothing(name, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    build, needles = CASES[name]
+    refused(build(tmp_path, tiny_model_dir), needles, tmp_path, monkeypatch, capsys)
 
 
 def test_disk_full_during_the_final_save_keeps_the_previous_state(tmp_path, tiny_model_dir, monkeypatch, capsys):

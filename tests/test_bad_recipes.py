@@ -4,7 +4,6 @@ disk byte for byte as it was. Then the good neighbours of those cases: they stil
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
-from test_bad_inputs import GOOD_ROWS, PAIRS, invoke, write_jsonl
+from test_bad_inputs import GOOD_ROWS, PAIRS, invoke, refused, snapshot, write_jsonl
 
 from ftune import recipe as recipes
 
@@ -74,14 +73,6 @@ def stage_of(text: str | bytes) -> str:
     return "dpo" if (b"stage: dpo" if isinstance(text, bytes) else "stage: dpo") in text else "sft"
 
 
-def disk(root: Path) -> list:
-    """Names, sizes, times and contents of everything under root (links as links: they may be broken)."""
-    def content(path: Path) -> str:
-        if path.is_symlink():
-            return "-> " + os.readlink(path)
-        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-
-    return sorted((str(p.relative_to(root)), p.lstat().st_size, p.lstat().st_mtime_ns, content(p)) for p in root.rglob("*"))
 
 
 def numeric_fields(kind: type) -> list[tuple[str, str]]:
@@ -251,7 +242,7 @@ def test_bad_recipe_is_refused_with_its_place(name, command, tmp_path, tiny_mode
     text, argv = build(tmp_path, tiny_model_dir)
     stage = stage_of(text)
     path = write_case(tmp_path, text, rows=PAIRS if stage == "dpo" else GOOD_ROWS)
-    before = disk(tmp_path)
+    before = snapshot(tmp_path)
     started = time.perf_counter()
     code, output = invoke([stage if command == "stage" else "validate", str(path), *argv], monkeypatch, capsys)
     assert time.perf_counter() - started < 30, "a bad recipe must be refused fast"
@@ -260,7 +251,7 @@ def test_bad_recipe_is_refused_with_its_place(name, command, tmp_path, tiny_mode
     for needle in needles(text if isinstance(text, str) else ""):
         assert needle in output, f"{needle!r} not in:\n{output}"
     assert "Traceback" not in output
-    assert disk(tmp_path) == before, "a refused recipe must leave the disk as it was"
+    assert snapshot(tmp_path) == before, "a refused recipe must leave the disk as it was"
 
 
 def test_billion_laughs_fails_fast_in_validate(tmp_path, monkeypatch, capsys):
@@ -284,10 +275,10 @@ def test_every_number_field_is_bounded():
 
 def test_inspect_refuses_infinite_epochs(tmp_path, tiny_model_dir, monkeypatch, capsys):
     path = write_case(tmp_path, block_recipe(tiny_model_dir, {"training.epochs": ".inf"}).replace("  max_steps: 1\n", ""))
-    before = disk(tmp_path)
+    before = snapshot(tmp_path)
     code, output = invoke(["inspect", str(path)], monkeypatch, capsys)
     assert code == 2 and "line 11" in output and "training.epochs" in output and "finite number" in output, output
-    assert "Traceback" not in output and disk(tmp_path) == before
+    assert "Traceback" not in output and snapshot(tmp_path) == before
 
 
 # --------------------------------------------------------------------------- data and models
@@ -461,25 +452,17 @@ def model_case(tmp: Path, model: Path, *, config: str | bytes | None = None, tok
 @pytest.mark.parametrize("name", DATA_CASES, ids=list(DATA_CASES))
 def test_bad_data_or_model_is_refused_with_its_place(name, tmp_path, tiny_model_dir, monkeypatch, capsys):
     build, needles = DATA_CASES[name]
-    argv = build(tmp_path, tiny_model_dir)
-    before = disk(tmp_path)
-    code, output = invoke(argv, monkeypatch, capsys)
-    assert code not in (0, None), output
-    assert "error: " in output, output
-    for needle in needles:
-        assert needle in output, f"{needle!r} not in:\n{output}"
-    assert "Traceback" not in output
-    assert disk(tmp_path) == before, "a failed command must leave the disk as it was"
+    refused(build(tmp_path, tiny_model_dir), needles, tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("name", ["config-cut-short", "config-unknown-model-type", "needs-remote-code"])
 def test_inspect_and_sft_share_the_model_checks(name, tmp_path, tiny_model_dir, monkeypatch, capsys):
     build, needles = DATA_CASES[name]
     argv = build(tmp_path, tiny_model_dir)
-    before = disk(tmp_path)
+    before = snapshot(tmp_path)
     code, output = invoke(["inspect", argv[1]], monkeypatch, capsys)
     assert code == 1 and all(n in output for n in needles) and "Traceback" not in output, output
-    assert disk(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_the_corpus_is_large_enough():

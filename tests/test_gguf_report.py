@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 import pytest
-from test_bad_inputs import invoke, snapshot, write_jsonl
+from test_bad_inputs import refused, write_jsonl
 from typer.testing import CliRunner
 
 from ftune.cli import app
@@ -85,15 +85,7 @@ CASES = {
 @pytest.mark.parametrize("name", CASES, ids=list(CASES))
 def test_bad_input_gets_a_clear_message_and_changes_nothing(name, tmp_path, tiny_model_dir, monkeypatch, capsys):
     build, needles = CASES[name]
-    argv = build(tmp_path, tiny_model_dir)
-    before = snapshot(tmp_path)
-    code, output = invoke(argv, monkeypatch, capsys)
-    assert code not in (0, None), output
-    assert "error: " in output, output
-    for needle in needles:
-        assert needle in output, f"{needle!r} not in:\n{output}"
-    assert "Traceback" not in output
-    assert snapshot(tmp_path) == before, "a failed command must leave the disk as it was"
+    refused(build(tmp_path, tiny_model_dir), needles, tmp_path, monkeypatch, capsys)
 
 
 # --------------------------------------------------------------------------- names, budget, pick

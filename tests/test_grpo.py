@@ -172,8 +172,8 @@ def test_a_failing_reward_function_names_itself_and_the_row(case, tmp_path, tiny
     for needle in needles:
         assert needle in output, f"{needle!r} not in:\n{output}"
     assert "Traceback" not in output and "ftune/" not in output.split("error:")[1], output  # no trainer frames
-    after = dict((p, (s, m)) for p, s, m in snapshot(tmp_path))
-    assert all(after[p] == (s, m) for p, s, m in before), "pre-existing files stay byte-identical"
+    after = {p: rest for p, *rest in snapshot(tmp_path)}
+    assert all(after[p] == rest for p, *rest in before), "pre-existing files stay byte-identical"
 
 
 def test_the_failing_row_is_the_prompt_that_made_it_fail(tmp_path, tiny_model_dir, monkeypatch, capsys):

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from test_bad_inputs import invoke
 
-from ftune import cli
 from ftune.label.session import SESSION_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,15 +88,6 @@ def session(out: Path) -> dict:
 
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def invoke(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """The real entry point, in-process: exit code and what the user sees."""
-    monkeypatch.setattr(sys, "argv", ["ftune", *map(str, argv)])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    captured = capsys.readouterr()
-    return info.value.code or 0, captured.out + captured.err
 
 
 @pytest.fixture

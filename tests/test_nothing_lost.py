@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ftune import runs
-from test_bad_inputs import GOOD_ROWS, PAIRS, invoke, recipe_text, setup, sft_run_dir, snapshot, write_jsonl
+from test_bad_inputs import GOOD_ROWS, PAIRS, assert_refused, invoke, recipe_text, setup, sft_run_dir, snapshot, write_jsonl
 
 
 def with_output(text: str, directory: str) -> str:
@@ -42,14 +42,6 @@ def fake_home(tmp: Path, monkeypatch) -> Path:
     (home / ".bashrc").write_text("export PATH\n")
     monkeypatch.setenv("HOME", str(home))
     return home
-
-
-def assert_refused(code, output: str, needles: list[str]) -> None:
-    assert code not in (0, None), output
-    assert "error: " in output, output
-    for needle in needles:
-        assert needle in output, f"{needle!r} not in:\n{output}"
-    assert "Traceback" not in output
 
 
 def assert_no_destructive_hint(output: str) -> None:

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from ftune import continuing, steps, training
+from ftune import steps, training
 from ftune.data.pipeline import load_samples
 from ftune.errors import FtuneError
 from ftune.preference import REFERENCE_FREE, PairSet, encode_pairs, preference_loss, reward_metrics, sequence_logps
 from ftune.recipe import Recipe
 from ftune.reference import ReferenceLogps, start_scope
 from ftune.stages import loop
-from ftune.stages.stage import Data, Inputs, Loss, Pass, Setup, Stage, Training
+from ftune.stages.stage import Data, Loss, Pass, Setup, Stage, Training
 
 SMOKE_PAIRS = 8
 FIGURES = {"pairs": ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected"),
@@ -34,14 +34,6 @@ FIGURES = {"pairs": ("reward_accuracy", "reward_margin", "reward_chosen", "rewar
 def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, resume: bool = False, overwrite: bool = False) -> Path:
     return loop.run_stage(STAGE, recipe_path, overrides, smoke=smoke, resume=resume, overwrite=overwrite)
 
-
-def inputs(recipe: Recipe, base_dir: Path, smoke: bool) -> Inputs:
-    """The SFT run this continues (if any) fixes the base model and the starting adapter."""
-    if not recipe.preference.init_from:
-        return loop.base_inputs(recipe, base_dir, smoke)
-    run_dir, adapter, model_path = continuing.init_from_run(recipe.preference.init_from, recipe, base_dir, smoke=smoke,
-                                                      key="preference.init_from")
-    return Inputs(model_path, adapter, f"the SFT run {run_dir}")
 
 
 def load_data(recipe: Recipe, tokenizer, formatter, base_dir: Path, smoke: bool) -> Data:
@@ -154,7 +146,7 @@ def head(data: Data, n: int, m: int) -> Data:
 
 STAGE = Stage(
     name="dpo", unit="pairs", rate="pairs", smoke_size=SMOKE_PAIRS,
-    data=load_data, show_data=show_data, head=head, inputs=inputs,
+    data=load_data, show_data=show_data, head=head, inputs=loop.continued_inputs("preference.init_from"),
     micro_batches=steps.pair_set_micro_batches,
     held_out=lambda held_out: (held_out.sequences.sample(2 * i) for i in range(len(held_out))),
     train=start,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ftune import adapters, continuing, outputs, steps, training
+from ftune import adapters, outputs, steps, training
 from ftune.data.chat import IGNORE
 from ftune.data.prompts import PromptSet, load_prompts
 from ftune.progress import console
@@ -31,7 +31,7 @@ from ftune.rl import losses, rewards
 from ftune.rl.batches import CompletionScorer, packed_row
 from ftune.rl.generation import Sampling, TransformersBackend
 from ftune.stages import loop
-from ftune.stages.stage import Data, Inputs, Loss, Pass, Setup, Stage, Training
+from ftune.stages.stage import Data, Loss, Pass, Setup, Stage, Training
 
 SMOKE_PROMPTS = 4
 # Warn once this share of a step's groups got one reward for all their completions, this many steps running.
@@ -42,13 +42,6 @@ CARD_COMPLETIONS = 4  # sampled completions the run card shows, for the first an
 def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, resume: bool = False, overwrite: bool = False) -> Path:
     return loop.run_stage(STAGE, recipe_path, overrides, smoke=smoke, resume=resume, overwrite=overwrite)
 
-
-def inputs(recipe: Recipe, base_dir: Path, smoke: bool) -> Inputs:
-    """The SFT run this continues (if any) fixes the base model and the starting adapter."""
-    if not recipe.grpo.init_from:
-        return loop.base_inputs(recipe, base_dir, smoke)
-    run_dir, adapter, model_path = continuing.init_from_run(recipe.grpo.init_from, recipe, base_dir, smoke=smoke, key="grpo.init_from")
-    return Inputs(model_path, adapter, f"the SFT run {run_dir}")
 
 
 def load_data(recipe: Recipe, tokenizer, formatter, base_dir: Path, smoke: bool) -> Data:
@@ -333,7 +326,7 @@ def describe(recipe: Recipe) -> str:
 
 STAGE = Stage(
     name="grpo", unit="prompts", rate="completions", smoke_size=SMOKE_PROMPTS,
-    data=load_data, show_data=show_data, inputs=inputs,
+    data=load_data, show_data=show_data, inputs=loop.continued_inputs("grpo.init_from"),
     head=lambda data, n, m: Data(data.train.head(n), data.eval.head(m), data.report),
     micro_batches=micro_batches,
     held_out=lambda held_out: ((np.array(ids), [IGNORE] * len(ids)) for ids in held_out.ids),

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ftune import attention, checkpoints, distributed, models, outputs, runs, steps, training
+from ftune import attention, checkpoints, continuing, distributed, models, outputs, runs, steps, training
 from ftune.data.chat import formatter_for
 from ftune.errors import FtuneError, RecipeError
 from ftune.progress import Reporter, console, plot_losses, summary_table, truncate_metrics
@@ -326,6 +326,21 @@ def base_inputs(recipe: Recipe, base_dir: Path, smoke: bool) -> Inputs:
     """The recipe's base model, with a fresh adapter."""
     path = models.resolve_model_path(recipe.base_model.name, revision=recipe.base_model.revision, base_dir=base_dir)
     return Inputs(path, None, recipe.base_model.name)
+
+
+def continued_inputs(key: str) -> Callable[[Recipe, Path, bool], Inputs]:
+    """`Stage.inputs` for a stage whose recipe key `key` ("rm.init_from") may name an SFT run:
+    that run fixes the base model and the starting adapter; without one, the base and a fresh adapter."""
+    section, name = key.split(".")
+
+    def inputs(recipe: Recipe, base_dir: Path, smoke: bool) -> Inputs:
+        init_from = getattr(getattr(recipe, section), name)
+        if not init_from:
+            return base_inputs(recipe, base_dir, smoke)
+        run_dir, adapter, model_path = continuing.init_from_run(init_from, recipe, base_dir, smoke=smoke, key=key)
+        return Inputs(model_path, adapter, f"the SFT run {run_dir}")
+
+    return inputs
 
 
 def _plan_line(stage: Stage, recipe: Recipe, inputs: Inputs, model, dtype, ctx, plan: steps.StepPlan, budget: int | None) -> str:

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ftune import continuing, reward, scoring, steps, training
+from ftune import reward, scoring, steps, training
 from ftune.data.pipeline import load_samples
 from ftune.errors import FtuneError
 from ftune.preference import PairSet
 from ftune.recipe import Recipe
 from ftune.stages import loop
-from ftune.stages.stage import Data, Inputs, Loss, Pass, Setup, Stage, Training
+from ftune.stages.stage import Data, Loss, Pass, Setup, Stage, Training
 
 SMOKE_PAIRS = 8
 
@@ -32,13 +32,6 @@ SMOKE_PAIRS = 8
 def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, resume: bool = False, overwrite: bool = False) -> Path:
     return loop.run_stage(STAGE, recipe_path, overrides, smoke=smoke, resume=resume, overwrite=overwrite)
 
-
-def inputs(recipe: Recipe, base_dir: Path, smoke: bool) -> Inputs:
-    """The SFT run the reward model starts from (if any) fixes the base model and the adapter's first weights."""
-    if not recipe.rm.init_from:
-        return loop.base_inputs(recipe, base_dir, smoke)
-    run_dir, adapter, model_path = continuing.init_from_run(recipe.rm.init_from, recipe, base_dir, smoke=smoke, key="rm.init_from")
-    return Inputs(model_path, adapter, f"the SFT run {run_dir}")
 
 
 def load_data(recipe: Recipe, tokenizer, formatter, base_dir: Path, smoke: bool) -> Data:
@@ -119,7 +112,7 @@ def show_data(data: Data, say) -> None:
 
 STAGE = Stage(
     name="rm", unit="pairs", rate="pairs", smoke_size=SMOKE_PAIRS,
-    data=load_data, show_data=show_data, inputs=inputs,
+    data=load_data, show_data=show_data, inputs=loop.continued_inputs("rm.init_from"),
     head=lambda data, n, m: Data(reward.first_pairs(data.train, n), reward.first_pairs(data.eval, m), data.report),
     micro_batches=lambda recipe, train, *, world, epoch: steps.pair_micro_batches(recipe, len(train), world=world, epoch=epoch),
     held_out=reward.whole_sequences,
