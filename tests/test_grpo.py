@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from safetensors.torch import load_file
 
 from ftune.rl import losses, rewards
 from test_bad_inputs import invoke, snapshot
+from test_resume import kill_9_after_checkpoint
 
 PROMPTS = [{"prompt": f"What is {a} plus {b}?", "answer": a + b} for a in range(1, 7) for b in range(1, 5)]
 # A verifiable toy task a random tiny model can learn in a few steps: the share of vowels in the completion.
@@ -285,16 +284,8 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_di
     (tmp_path / "killed").mkdir()
     straight = _start(write_recipe(tmp_path / "straight", tiny_model_dir, **settings))
     recipe = write_recipe(tmp_path / "killed", tiny_model_dir, **settings)
-    victim = _start(recipe)
     run_dir = tmp_path / "killed" / "run"
-    target = run_dir / "checkpoints" / "step-000003" / "state.json"  # mid-batch: step 4 trains on step 3's completions
-    deadline = time.time() + 600
-    while not target.exists():
-        assert victim.poll() is None, victim.communicate()[0][-3000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    kill_9_after_checkpoint("grpo", recipe, 3)  # mid-batch: step 4 trains on step 3's completions
     assert straight.wait(timeout=900) == 0, straight.communicate()[0][-3000:]
     resumed = _start(recipe)
     output = resumed.communicate(timeout=900)[0]

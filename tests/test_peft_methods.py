@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from test_bad_inputs import invoke, snapshot
 from test_resume import adapter as saved_adapter
-from test_resume import start, wait_for_checkpoint
+from test_resume import kill_9_after_checkpoint, start
 
 from ftune.stages import sft
 
@@ -168,11 +167,8 @@ def test_the_resolved_recipe_keeps_only_the_methods_fields_and_validates_again(t
 def test_kill_9_then_resume_gives_the_same_adapter(tmp_path, trained, tiny_model_dir, method):
     recipe = write_recipe(tmp_path / method, tiny_model_dir, method)
     kill_at = random.Random(f"{method}-{os.getpid()}").randint(2, STEPS - 2)
-    victim = start("sft", recipe)
     run_dir = recipe.parent / "run"
-    wait_for_checkpoint(run_dir, kill_at, victim)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=60)
+    kill_9_after_checkpoint("sft", recipe, kill_at)
     assert not (run_dir / "adapter").exists()
 
     resumed = start("sft", recipe)

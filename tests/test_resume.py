@@ -40,19 +40,47 @@ def write_recipe(folder: Path, model: Path, stage: str) -> Path:
     return path
 
 
-def start(stage: str, recipe: Path, *extra: str) -> subprocess.Popen:
+# ftune with its checkpoint writer wrapped: once checkpoint `pause_at` is on disk the process
+# touches `marker` and sleeps, so a SIGKILL lands between two steps however fast the steps run
+# (on an idle machine a tiny run can finish before a poller sees a given checkpoint).
+_PAUSING = """
+import sys, time
+from pathlib import Path
+from ftune import checkpoints
+from ftune.cli import main
+pause_at, marker = int(sys.argv.pop(1)), Path(sys.argv.pop(1))
+save = checkpoints.save_checkpoint
+def save_then_pause(run_dir, step, *args, **kwargs):
+    path = save(run_dir, step, *args, **kwargs)
+    if step == pause_at:
+        marker.touch()
+        time.sleep(3600)
+    return path
+checkpoints.save_checkpoint = save_then_pause
+sys.argv[0] = "ftune"
+main()
+"""
+
+
+def start(stage: str, recipe: Path, *extra: str, pause_at: int | None = None, marker: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "FTUNE_NO_PROGRESS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "ftune", stage, str(recipe), *extra], env=env,
+    launcher = ["-m", "ftune"] if pause_at is None else ["-c", _PAUSING, str(pause_at), str(marker)]
+    return subprocess.Popen([sys.executable, *launcher, stage, str(recipe), *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
+def kill_9_after_checkpoint(stage: str, recipe: Path, step: int, timeout: float = 600) -> None:
+    """Run `ftune STAGE RECIPE` until checkpoint `step` is written, then SIGKILL it: no handler, no goodbye."""
+    marker = recipe.parent / f"paused-at-{step}"
+    victim = start(stage, recipe, pause_at=step, marker=marker)
     deadline = time.time() + timeout
-    target = run_dir / "checkpoints" / f"step-{step:06d}" / "state.json"
-    while not target.exists():
-        assert process.poll() is None, process.communicate()[0][-3000:]
-        assert time.time() < deadline, "no checkpoint in time"
+    while not marker.exists():
+        assert victim.poll() is None, victim.communicate()[0][-3000:]
+        assert time.time() < deadline, f"no checkpoint {step} in time"
         time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    marker.unlink()
 
 
 def adapter(run_dir: Path) -> dict:
@@ -68,10 +96,7 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_same_adapter(tmp_path, ti
 
     recipe = write_recipe(tmp_path / "killed", tiny_model_dir, stage)
     kill_at = random.Random(f"{stage}-{os.getpid()}").randint(2, STEPS - 2)
-    victim = start(stage, recipe)
-    wait_for_checkpoint(tmp_path / "killed" / "run", kill_at, victim)
-    victim.send_signal(signal.SIGKILL)  # no handler, no goodbye: whatever was mid-write stays half-written
-    victim.wait(timeout=60)
+    kill_9_after_checkpoint(stage, recipe, kill_at)
     run_dir = tmp_path / "killed" / "run"
     assert not (run_dir / "adapter").exists(), "a killed run leaves no final artifact"
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"

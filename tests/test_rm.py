@@ -8,7 +8,6 @@ import math
 import os
 import random
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from ftune import reward
 from ftune.data.chat import IGNORE
 from ftune.data.packing import Encoded
 from test_bad_inputs import invoke, snapshot, write_jsonl
-from test_resume import adapter, start, wait_for_checkpoint
+from test_resume import adapter, kill_9_after_checkpoint, start
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = [{"prompt": f"Reply to message {i}.", "chosen": f"Thank you kindly for message {i}!", "rejected": f"Go away, message {i}."}
@@ -209,10 +208,7 @@ def test_kill_9_then_resume_gives_the_same_adapter_and_score_head(tmp_path, tiny
     straight = start("rm", rm_recipe(tmp_path / "straight", tiny_model_dir, extra=extra, training=training))
     assert straight.wait(timeout=600) == 0, straight.communicate()[0][-3000:]
     recipe = rm_recipe(tmp_path / "killed", tiny_model_dir, extra=extra, training=training)
-    victim = start("rm", recipe)
-    wait_for_checkpoint(tmp_path / "killed" / "run", random.Random(os.getpid()).randint(2, 6), victim)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=60)
+    kill_9_after_checkpoint("rm", recipe, random.Random(os.getpid()).randint(2, 6))
     resumed = start("rm", recipe)
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0 and "resuming from step-" in output, output[-3000:]

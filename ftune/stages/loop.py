@@ -254,8 +254,9 @@ def _finish(run: _Run, hooks: Training, data: Data, model, tokenizer, formatter,
     if agreed():
         raise _StopAt()
     if ctx.is_main:
-        if training.first_nonfinite(model):
-            raise Diverged(run.step, f"parameter {training.first_nonfinite(model)}", runs.latest_checkpoint(run_dir), recipe)
+        bad = training.first_nonfinite(model)
+        if bad:
+            raise Diverged(run.step, f"parameter {bad}", runs.latest_checkpoint(run_dir), recipe)
         outputs.save_trained(model, tokenizer, formatter, run_dir, recipe)
         outputs.write_eval_prompts(run_dir, tokenizer, itertools.islice(run.stage.held_out(data.eval), 8))
         plot_losses(run_dir, run_dir / runs.LOSS_PLOT)
