@@ -250,6 +250,41 @@ def inspect(
         print_inspection(result, Console(), samples=samples, gpu_gib=gpu_memory)
 
 
+@app.command("data")
+def data_(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory to write (default: RECIPE-STEM-curated beside the recipe).", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the report and write nothing.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier `ftune data` output (never a directory ftune did not write).")] = False,
+    exact: Annotated[bool, typer.Option("--exact", help="Remove exact duplicates; sets data.dedup.exact.")] = False,
+    near: Annotated[Optional[float], typer.Option("--near", help="Remove near duplicates sharing this share of word 5-grams, e.g. 0.8; sets data.dedup.near.", show_default=False)] = None,
+    min_tokens: Annotated[Optional[int], typer.Option("--min-tokens", help="Remove samples shorter than this; sets data.filters.min_tokens.", show_default=False)] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Remove samples longer than this; sets data.filters.max_tokens.", show_default=False)] = None,
+    empty: Annotated[bool, typer.Option("--empty", help="Remove empty answers; sets data.filters.empty_answers.")] = False,
+    refusals: Annotated[bool, typer.Option("--refusals", help="Remove refusal answers; sets data.filters.refusals.")] = False,
+    language: Annotated[Optional[list[str]], typer.Option("--language", help="Keep only rows in this language, e.g. en (repeatable); sets data.filters.languages.", show_default=False)] = None,
+) -> None:
+    """Clean the recipe's data: duplicates, token lengths, empty or refusal answers, language; each removed row listed.
+
+    Writes one cleaned JSONL file per source (kept rows as read, in file order), removed.jsonl (place, reason,
+    duplicate_of) and report.json into --out.
+    """
+    from rich.console import Console
+
+    from ftune.curate import curate, print_curation
+
+    flags = {"data.dedup.exact": exact or None, "data.dedup.near": near, "data.filters.min_tokens": min_tokens,
+             "data.filters.max_tokens": max_tokens, "data.filters.empty_answers": empty or None,
+             "data.filters.refusals": refusals or None, "data.filters.languages": f"[{', '.join(language)}]" if language else None}
+    overrides = [*(set_ or []), *(f"{key}={'true' if value is True else value}" for key, value in flags.items() if value is not None)]
+    try:
+        result = curate(recipe, overrides, out=out, dry_run=dry_run, overwrite=overwrite)
+    except FtuneError as exc:
+        _fail(exc)
+    print_curation(result, Console())
+
+
 ModelsArg = Annotated[list[str], typer.Argument(
     help="Models: a run directory, adapter directory, merged or other model directory, hub id, 'demo', or a .gguf file.",
     show_default=False)]

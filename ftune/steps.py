@@ -15,6 +15,9 @@ import random
 from collections.abc import Sized
 from dataclasses import dataclass
 
+import numpy as np
+
+from ftune.data import mixture
 from ftune.data.packing import Encoded, micro_batches
 from ftune.errors import RecipeError
 from ftune.recipe import Recipe, TrainingSection
@@ -34,7 +37,22 @@ def sft_micro_batches(recipe: Recipe, train: Encoded, *, world: int, epoch: int)
     """An SFT epoch's global micro-batches: rows (packed, or padded in length groups) of sample indices."""
     tc = recipe.training
     return micro_batches(train, max_length=recipe.data.max_length, batch_size=tc.batch_size * world,
-                         packed=recipe.data.packing, seed=tc.seed, epoch=epoch)
+                         packed=recipe.data.packing, seed=tc.seed, epoch=epoch, subset=epoch_samples(recipe, train, epoch))
+
+
+def epoch_samples(recipe: Recipe, train: Encoded, epoch: int):
+    """A weighted mixture's samples for this epoch (None: every sample once)."""
+    counts = mixture.plan(recipe.data, mixture_available(recipe, train))
+    if counts is None:
+        return None
+    return mixture.draw(train.source, counts, replacement=recipe.data.replacement, seed=recipe.training.seed, epoch=epoch)
+
+
+def mixture_available(recipe: Recipe, train: Encoded) -> list[int]:
+    """Training samples per train source."""
+    if train.source is None:
+        return [len(train)] + [0] * (len(recipe.data.train) - 1)
+    return [int(c) for c in np.bincount(train.source, minlength=len(recipe.data.train))]
 
 
 def pair_micro_batches(recipe: Recipe, pairs: int, *, world: int, epoch: int) -> list[list[int]]:

@@ -23,6 +23,22 @@ def demo_model_dir() -> Path:
     return resolve()
 
 
+@pytest.fixture(scope="module")
+def tokenizer(demo_model_dir):
+    """The demo model's real tokenizer."""
+    from ftune.models import load_tokenizer
+
+    return load_tokenizer(str(demo_model_dir))
+
+
+@pytest.fixture(scope="module")
+def formatter(tokenizer):
+    """Its chat formatter with the tokenizer's own template."""
+    from ftune.data.chat import make_formatter
+
+    return make_formatter(tokenizer)
+
+
 def build_tiny_model(out: Path, tokenizer_dir: Path, *, arch: str = "llama", seed: int = 0) -> Path:
     """A randomly initialised model of a few MB with the demo tokenizer, saved as safetensors."""
     import torch

@@ -9,25 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ftune.data.chat import IGNORE, audit_labels, make_formatter
-from ftune.data.formats import BadRow, Chat, Raw, convert, detect_format, split_hh_dialogues
+from ftune.data.chat import IGNORE, make_formatter
+from ftune.data.formats import (
+    BadRow,
+    Chat,
+    Raw,
+    convert,
+    detect_format,
+    split_hh_dialogues,
+)
 from ftune.data.packing import Encoded, collate, micro_batches, pack
 from ftune.data.pipeline import prepare_sft
+from ftune.data.render_proof import audit_labels
 from ftune.data.sources import read_source
 from ftune.errors import FtuneError
 from ftune.recipe import parse_recipe
-
-
-@pytest.fixture(scope="module")
-def tokenizer(demo_model_dir):
-    from ftune.models import load_tokenizer
-
-    return load_tokenizer(str(demo_model_dir))
-
-
-@pytest.fixture(scope="module")
-def formatter(tokenizer):
-    return make_formatter(tokenizer)
 
 
 def trained_text(tokenizer, ids, labels) -> str:
@@ -210,9 +206,13 @@ def test_tokenization_is_cached(tmp_path, tokenizer, formatter, monkeypatch):
     first = prepare_sft(recipe, tokenizer, formatter, base_dir=tmp_path, cache_root=tmp_path / "cache")
     import ftune.data.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "encode_split", lambda *a, **k: pytest.fail("tokenized again"))
+    monkeypatch.setattr(pipeline, "build", lambda *a, **k: pytest.fail("tokenized again"))
+    monkeypatch.setattr(pipeline, "read_source", lambda *a, **k: pytest.fail("rows read again"))
     second = prepare_sft(recipe, tokenizer, formatter, base_dir=tmp_path, cache_root=tmp_path / "cache")
     assert np.array_equal(first[0].ids, second[0].ids) and np.array_equal(first[1].labels, second[1].labels)
+    # A hit opens the arrays memory-mapped: nothing is loaded until a batch reads it.
+    assert all(isinstance(a, np.memmap) for a in (second[0].ids, second[0].labels, second[1].ids, second[1].labels))
+    assert second[2].as_dict() == first[2].as_dict() and second[2].examples == first[2].examples
     # Changing the data changes the key.
     write_rows(tmp_path / "train.jsonl", [{"instruction": f"q{i}", "output": f"b{i}"} for i in range(10)])
     monkeypatch.undo()

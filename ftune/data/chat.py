@@ -21,12 +21,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftune.data.chat_template import (NAMED_TEMPLATES, TEMPLATE_MARKERS, TemplateStyle, choose_template, common_prefix,
-                                      end_of_turn, probe_style)
+from ftune.data.chat_template import (
+    NAMED_TEMPLATES,
+    TEMPLATE_MARKERS,
+    TemplateStyle,
+    choose_template,
+    common_prefix,
+    end_of_turn,
+    probe_style,
+)
 from ftune.data.formats import BadRow, Raw
 from ftune.errors import FtuneError
 
-__all__ = ["IGNORE", "NAMED_TEMPLATES", "TEMPLATE_MARKERS", "Formatter", "make_formatter", "formatter_for", "audit_labels"]
+__all__ = ["IGNORE", "NAMED_TEMPLATES", "TEMPLATE_MARKERS", "Formatter", "make_formatter", "formatter_for"]
 
 IGNORE = -100
 KINDS = ("prompt", "text", "reasoning", "tool_call", "tool_result")  # what each token of a shown sample is
@@ -378,30 +385,3 @@ def make_formatter(tokenizer, *, chat_template: str = "auto", system_prompt: str
                           stops=stops, tool_template=chosen.tool_template, saved_template=chosen.saved, name=name)
     style = probe_style(formatter.render, template + (chosen.tool_template or ""))
     return Formatter(**{**formatter.__dict__, "style": style})
-
-
-def audit_labels(formatter: Formatter, samples: list[tuple[list[int], list[int]]]) -> dict:
-    """Check on real samples that every answer's end-of-turn token is trained.
-
-    Catches the classic silent failure: the pad token equals EOS and padding is masked by
-    id, so the real EOS is masked too and the model never learns to stop.
-    """
-    end_id = formatter.end_of_turn_id
-    checked = with_end = trained_end = 0
-    for ids, labels in samples:
-        ends = [t for t, token in enumerate(ids) if token == end_id]
-        if not ends:
-            continue
-        checked += 1
-        answer_ends = [t for t in ends if t > 0 and labels[t - 1] != IGNORE]
-        with_end += bool(answer_ends)
-        trained_end += bool(answer_ends) and all(labels[t] == end_id for t in answer_ends)
-    report = {"end_of_turn": formatter.end_of_turn, "end_of_turn_id": end_id, "samples_checked": checked,
-              "answers_ending_trained": trained_end, "answers_ending": with_end}
-    if with_end and trained_end < with_end:
-        raise FtuneError(
-            f"end-of-turn audit failed: in {with_end - trained_end} of {with_end} samples the '{formatter.end_of_turn}' "
-            "closing an answer carries no loss, so the model would not learn to stop",
-            hint="this usually means the pad token equals the end-of-turn token and padding is masked by id",
-        )
-    return report

@@ -131,7 +131,9 @@ def _read_template_file(value: str, base_dir: Path | None) -> str:
 
 def _check_syntax(text: str, name: str) -> None:
     import jinja2
-    from transformers.utils.chat_template_utils import _compile_jinja_template  # the environment templates run in
+    from transformers.utils.chat_template_utils import (
+        _compile_jinja_template,  # the environment templates run in
+    )
 
     try:
         _compile_jinja_template(text)

@@ -109,12 +109,37 @@ def kind(value) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def convert_row(data, fmt: str, *, columns: dict[str, str], tools: tuple[dict, ...], allowed: set[str], place: str) -> tuple[object, str]:
+    """A row as read, as a sample, and its format: `fmt`, or with "auto" the one this row's columns tell.
+
+    BadRow: this row cannot be used (counted or fatal, as data.on_bad_row says). FtuneError: rows of
+    its format cannot train this stage at all.
+    """
+    data = rename_columns(data, columns) if isinstance(data, dict) else data
+    if fmt == "auto":
+        if not isinstance(data, dict):
+            raise BadRow(f"a row must be an object with named fields, not {kind(data)}")
+        fmt = detect_format(data)
+    check_allowed(fmt, allowed, place)
+    return convert(data, fmt, tools=tools), fmt
+
+
+def check_allowed(fmt: str, allowed: set[str], place: str) -> None:
+    if fmt not in allowed:
+        from ftune.errors import FtuneError
+
+        raise FtuneError(f"rows in {fmt} format cannot train this stage (expected {', '.join(sorted(allowed))})",
+                         place=place, hint="set `format:` for this source in the recipe")
+
+
 def convert(row: dict, fmt: str, *, tools: tuple[dict, ...] = ()):
     """Convert one row of a known format. `tools`: the source's function specs, for conversations without their own."""
     if not isinstance(row, dict):
         raise BadRow(f"a row must be an object with named fields, not {kind(row)}")
     if fmt in ("messages", "sharegpt"):
-        from ftune.data import conversation  # tool calls, tool results and reasoning (it imports this module)
+        from ftune.data import (
+            conversation,  # tool calls, tool results and reasoning (it imports this module)
+        )
 
         return (conversation.messages_chat if fmt == "messages" else conversation.sharegpt_chat)(row, tools)
     return _CONVERTERS[fmt](row)

@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ftune.data.chat import IGNORE, KINDS, Formatter, audit_labels
+from ftune.data import curation, encode
+from ftune.data.build import build, default_num_proc
+from ftune.data.chat import Formatter
 from ftune.data.conversation import source_tools
-from ftune.data.formats import BadRow, Raw, convert, detect_format, kind, rename_columns
+from ftune.data.formats import BadRow, convert_row
 from ftune.data.packing import Encoded
-from ftune.data.render_proof import prove
-from ftune.data.sources import read_source
+from ftune.data.render_proof import audit_labels, enforce
+from ftune.data.sources import open_source, read_source
 from ftune.errors import FtuneError
-from ftune.runs import atomic_file
 
-CACHE_VERSION = "sft-v3"
+CACHE_VERSION = "sft-v4"
 
 
 @dataclass
@@ -47,6 +51,9 @@ class DataReport:
     audit: dict = field(default_factory=dict)
     render_proof: dict = field(default_factory=dict)  # render_proof.prove's report
     rejected: list[str] = field(default_factory=list)  # rows the chat template cannot render (skipped), "place: reason"
+    removed: list[str] = field(default_factory=list)  # rows data.dedup / data.filters removed, "place: reason" (first 20)
+    removed_count: int = 0
+    removed_by_rule: dict = field(default_factory=dict)
     examples: list[dict] = field(default_factory=list)  # a few train samples with each token's kind, for `ftune inspect`
 
     def as_dict(self) -> dict:
@@ -73,11 +80,16 @@ def load_samples(data_section, *, base_dir: Path, seed: int, allowed: set[str]) 
 
 def _load_split(sources, section, base_dir, seed, allowed, report: DataReport, fingerprints: list[str]) -> Loaded:
     out = Loaded()
+    rules = curation.Rules.from_section(section)
+    deduper = curation.Deduper(rules) if rules.dedup else None
+    seen: list[str] = []  # the deduper's row numbers: each checked row's place
     for source in sources:
         rows, fingerprint = read_source(source.path, base_dir=base_dir, split=source.split, subset=source.subset)
         fingerprints.append(fingerprint)
         if not rows:
             raise FtuneError("the data source has no rows", place=source.path)
+        if rules.per_row or rules.dedup:
+            rows = _curated(rows, source, rules, deduper, seen, allowed, report)
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
         fmt = source.format
@@ -88,18 +100,7 @@ def _load_split(sources, section, base_dir, seed, allowed, report: DataReport, f
                 break
             row = rows[index]
             try:
-                data = rename_columns(row.data, source.columns) if isinstance(row.data, dict) else row.data
-                if fmt == "auto":
-                    if not isinstance(data, dict):
-                        raise BadRow(f"a row must be an object with named fields, not {kind(data)}")
-                    fmt = detect_format(data)
-                if fmt not in allowed:
-                    raise FtuneError(
-                        f"rows in {fmt} format cannot train this stage (expected {', '.join(sorted(allowed))})",
-                        place=row.place,
-                        hint="set `format:` for this source in the recipe",
-                    )
-                sample = convert(data, fmt, tools=tools)
+                sample, fmt = convert_row(row.data, fmt, columns=source.columns, tools=tools, allowed=allowed, place=row.place)
             except BadRow as exc:
                 if section.on_bad_row == "error":
                     raise FtuneError(str(exc), place=row.place, hint="fix the row, or set data.on_bad_row: skip") from None
@@ -115,86 +116,196 @@ def _load_split(sources, section, base_dir, seed, allowed, report: DataReport, f
     return out
 
 
-def encode_split(formatter: Formatter, loaded: Loaded, section, report: DataReport) -> Encoded:
-    """Tokenize and label samples, applying the recipe's too-long rule; drops samples with no loss."""
-    kept: list[tuple[list[int], list[int]]] = []
-    for ids, labels in _encode_rows(formatter, loaded, section, report):
-        if len(ids) > section.max_length:
-            if section.too_long == "drop":
-                report.dropped_too_long += 1
-                continue
-            report.truncated += 1
-            ids, labels = ids[: section.max_length], labels[: section.max_length]
-        if not any(label != IGNORE for label in labels[1:]):
-            report.dropped_no_loss += 1
-            continue
-        kept.append((ids, labels))
-    return Encoded.from_lists(kept)
-
-
-def _encode_rows(formatter: Formatter, loaded: Loaded, section, report: DataReport):
-    """Every sample's (ids, labels) pieces; a conversation the chat template rejects is a bad row (data.on_bad_row)."""
-    for place, result in zip(loaded.places, formatter.encode_each(loaded.samples, places=loaded.places)):
-        if isinstance(result, BadRow):
-            if section.on_bad_row == "error":
-                raise FtuneError(str(result), place=place, hint="fix the row, or set data.on_bad_row: skip")
-            report.skipped_count += 1
-            report.rejected.append(f"{place}: {result}")
-            if len(report.skipped) < 20:
-                report.skipped.append(f"{place}: {result}")
-            continue
-        yield from result
-
-
-def annotated_examples(formatter: Formatter, loaded: Loaded, max_length: int, count: int = 4) -> list[dict]:
-    """The first few conversations' samples with each token's kind (KINDS indexes), cut to max_length."""
-    out: list[dict] = []
-    for sample, place in zip(loaded.samples, loaded.places):
-        if len(out) >= count:
-            break
+def _curated(rows: list, source, rules: curation.Rules, deduper, seen: list[str], allowed: set[str], report: DataReport) -> list:
+    """The rows data.filters and data.dedup keep, decided in file order (the first of duplicates is kept)."""
+    kept = []
+    tools = source_tools(source.tools, source.path)
+    for row in rows:
         try:
-            pieces = formatter.annotate(sample) if not isinstance(sample, Raw) else []
-        except BadRow:
+            sample, _ = convert_row(row.data, source.format, columns=source.columns, tools=tools, allowed=allowed, place=row.place)
+        except (BadRow, FtuneError):
+            sample = None
+        if sample is None:
+            kept.append(row)  # a bad row is reported as one where it is used
             continue
-        except FtuneError as exc:  # the template cannot carry this conversation: say which row
-            raise FtuneError(exc.message, place=exc.place or place, hint=exc.hint) from None
-        for ids, labels, kinds in pieces[: count - len(out)]:
-            out.append({"place": place, "ids": ids[:max_length], "labels": labels[:max_length],
-                        "kinds": [KINDS.index(k) for k in kinds[:max_length]]})
-    return out
+        reason, kept_place = curation.row_reason(sample, rules), None
+        if reason is None and deduper is not None:
+            seen.append(row.place)
+            duplicate = deduper.check(len(seen) - 1, curation.signature(sample, rules))
+            if duplicate is not None:
+                reason, kept_place = duplicate.reason, seen[duplicate.of]
+        if reason is None:
+            kept.append(row)
+            continue
+        report.removed_count += 1
+        if len(report.removed) < 20:
+            report.removed.append(f"{row.place}: {reason}" + (f" (kept: {kept_place})" if kept_place else ""))
+        rule = curation.rule_of(reason)
+        report.removed_by_rule[rule] = report.removed_by_rule.get(rule, 0) + 1
+    return kept
 
 
 def prepare_sft(recipe, tokenizer, formatter: Formatter, *, base_dir: Path, cache_root: Path | None) -> tuple[Encoded, Encoded, DataReport]:
-    """Train and eval sets for SFT, from the cache when nothing that shapes them changed."""
-    allowed = {"alpaca", "messages", "sharegpt", "prompt_completion", "text"}
-    train_rows, eval_rows, report, fingerprints = load_samples(recipe.data, base_dir=base_dir, seed=recipe.training.seed, allowed=allowed)
-    key = _cache_key(recipe, tokenizer, formatter, fingerprints)
-    report.examples = annotated_examples(formatter, train_rows, recipe.data.max_length)  # a few renders: never cached
-    cached = _read_cache(cache_root, key) if cache_root else None
+    """Train and eval sets for SFT, from the cache when nothing that shapes them changed.
+
+    A cache hit reads no row: the key is made of the sources' content hashes, and the arrays
+    open memory-mapped, so a run's resident memory for data grows with its batches, not the
+    dataset. A miss tokenizes every row in `data.num_proc` processes (build.py), then selects
+    (shuffle, caps, held-out split) on row numbers and writes the selected samples once.
+    """
+    section = recipe.data
+    sources = [*section.train, *section.eval]
+    opened = [open_source(s.path, base_dir=base_dir, split=s.split, subset=s.subset, streaming=s.streaming) for s in sources]
+    key = _cache_key(recipe, tokenizer, formatter, [o.fingerprint for o in opened])
+    cached = _read_cache(cache_root / key) if cache_root else None
     if cached is not None:
-        train, evaluation, saved = cached
-        report.truncated, report.dropped_too_long, report.dropped_no_loss = saved["truncated"], saved["dropped_too_long"], saved["dropped_no_loss"]
-        report.audit = saved["audit"]
-        report.render_proof = saved["render_proof"]
-        report.skipped_count += len(saved["rejected"])
-        report.skipped += [line for line in saved["rejected"] if line not in report.skipped][: max(0, 20 - len(report.skipped))]
-        return train, evaluation, report
-    # Before anything is tokenized: does training render each answer as inference will?
-    report.render_proof = prove(formatter, train_rows.samples, train_rows.places, mode=recipe.data.render_check)
-    train = encode_split(formatter, train_rows, recipe.data, report)
-    if len(train) == 0:
-        raise FtuneError("no training sample has a token to learn from after tokenization", hint="check data.max_length and data.too_long")
-    evaluation = encode_split(formatter, eval_rows, recipe.data, report)
-    report.audit = audit_labels(formatter, [train.sample(i) for i in range(min(len(train), 2000))])
-    if cache_root:
-        _write_cache(cache_root, key, train, evaluation, report)
-    return train, evaluation, report
+        return cached
+    spill = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=_made(cache_root))) if cache_root else Path(tempfile.mkdtemp(prefix="ftune-data-"))
+    try:
+        built = build(section, sources, formatter, SFT_FORMATS, base_dir=base_dir, spill=spill,
+                      num_proc=section.num_proc or default_num_proc(), opened=opened)
+        report = DataReport(examples=built.examples)
+        report.render_proof = enforce(built.proof, section.render_check)
+        train_pieces, train_source, eval_pieces = _select(built, section, recipe.training.seed, report)
+        if not len(train_pieces):
+            raise FtuneError("no training sample has a token to learn from after tokenization", hint="check data.max_length and data.too_long")
+        target = spill / "arrays"
+        target.mkdir()
+        train = _write_split(target, "train", built, train_pieces, train_source)
+        evaluation = _write_split(target, "eval", built, eval_pieces, None)
+        report.audit = audit_labels(formatter, [train.sample(i) for i in range(min(len(train), 2000))])
+        if cache_root is None:
+            return _in_memory(train), _in_memory(evaluation), report
+        (target / "meta.json").write_text(json.dumps({**report.as_dict(), "examples": report.examples,
+                                                       "trained": [train.trained, evaluation.trained]}))
+        try:
+            os.rename(target, cache_root / key)
+        except OSError:  # another process wrote the same entry first: theirs is the same data
+            pass
+        return _read_cache(cache_root / key) or (_in_memory(train), _in_memory(evaluation), report)
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+SFT_FORMATS = {"alpaca", "messages", "sharegpt", "prompt_completion", "text"}
+
+
+def _made(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _select(built, section, seed: int, report: DataReport) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which pieces train and which are held out, in order, with each train piece's source; fills the report.
+
+    As it always was: each source's usable rows in a seeded order, capped by its `samples`; the
+    held-out rows are the first eval_fraction of the train rows unless eval sources are given.
+    """
+    train_count = len(section.train)
+    chosen: list[tuple[int, np.ndarray]] = []  # (source index, rows) in order
+    eval_chosen: list[tuple[int, np.ndarray]] = []
+    for index, (source, rows) in enumerate(zip([*section.train, *section.eval], built.sources)):
+        order = list(range(len(rows.numbers)))
+        random.Random(seed if index < train_count else seed + 1).shuffle(order)
+        order = np.asarray(order, np.int64)
+        picked = order[rows.status[order] == encode.OK][: source.samples]
+        (chosen if index < train_count else eval_chosen).append((index, picked))
+        bad = np.flatnonzero((rows.status == encode.BAD) | (rows.status == encode.REJECTED))
+        removed = int((rows.status == encode.FILTERED).sum())
+        report.sources.append({"path": source.path, "format": rows.fmt or "auto", "rows": len(rows.numbers), "used": len(picked),
+                               "skipped": len(bad), **({"removed": removed} if removed else {})})
+        report.skipped_count += len(bad)
+        for row in bad[: max(0, 20 - len(report.skipped))]:
+            report.skipped.append(f"{rows.place(row)}: {rows.reasons[int(row)]}")
+        report.rejected += [f"{rows.place(row)}: {rows.reasons[int(row)]}" for row in bad if rows.status[row] == encode.REJECTED][:20]
+    report.removed_count = len(built.removed)
+    report.removed = [f"{r.place}: {r.reason}" + (f" (kept: {r.duplicate_of})" if r.duplicate_of else "") for r in built.removed[:20]]
+    report.removed_by_rule = curation.summarise(built.removed)["by_rule"] if built.removed else {}
+    if not section.eval:
+        total = sum(len(rows) for _, rows in chosen)
+        n_eval = int(round(total * section.eval_fraction))
+        if section.eval_fraction > 0 and total > 1:
+            n_eval = max(1, min(n_eval, total - 1))
+        eval_chosen, chosen = _cut(chosen, n_eval)
+    if not sum(len(rows) for _, rows in chosen):
+        raise FtuneError("no usable training rows", hint="see the skipped rows above, or check data.train")
+    for part in (chosen, eval_chosen):
+        for index, rows in part:
+            counts = built.sources[index].counts[:, rows]
+            report.truncated += int(counts[0].sum())
+            report.dropped_too_long += int(counts[1].sum())
+            report.dropped_no_loss += int(counts[2].sum())
+    train_pieces, train_source = _pieces(built, chosen)
+    eval_pieces, _ = _pieces(built, eval_chosen)
+    return train_pieces, train_source, eval_pieces
+
+
+def _cut(chosen: list[tuple[int, np.ndarray]], n: int):
+    """The first n rows of the concatenation, and the rest."""
+    head, tail = [], []
+    for index, rows in chosen:
+        take = min(n, len(rows))
+        if take:
+            head.append((index, rows[:take]))
+        tail.append((index, rows[take:]))
+        n -= take
+    return head, tail
+
+
+def _pieces(built, chosen: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The spill's piece indices of these rows, in order, and each one's source."""
+    parts, owners = [], []
+    for index, rows in chosen:
+        source = built.sources[index]
+        starts = source.first_piece + np.concatenate([[0], np.cumsum(source.pieces)])[:-1]
+        counts = source.pieces[rows]
+        first = np.repeat(starts[rows], counts)
+        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        parts.append(first + within)
+        owners.append(np.full(len(first), index, np.int16))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int16)
+    return np.concatenate(parts).astype(np.int64), np.concatenate(owners)
+
+
+def _write_split(folder: Path, name: str, built, pieces: np.ndarray, source: np.ndarray | None) -> Encoded:
+    """The pieces, in order, as .npy files in `folder` (opened memory-mapped)."""
+    spill_offsets = np.concatenate([[0], np.cumsum(built.lengths)]).astype(np.int64)
+    lengths = built.lengths[pieces] if len(pieces) else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    total = int(offsets[-1])
+    arrays = {}
+    for kind_, path in (("ids", built.ids_path), ("labels", built.labels_path)):
+        out = np.lib.format.open_memmap(folder / f"{name}_{kind_}.npy", mode="w+", dtype=np.int32, shape=(total,))
+        if total:
+            spilled = np.memmap(path, dtype=np.int32, mode="r")
+            for at, piece in zip(offsets[:-1].tolist(), pieces.tolist()):
+                a, b = spill_offsets[piece], spill_offsets[piece + 1]
+                out[at: at + b - a] = spilled[a:b]
+            del spilled
+        out.flush()
+        arrays[kind_] = out
+    np.save(folder / f"{name}_offsets.npy", offsets)
+    if source is not None:
+        np.save(folder / f"{name}_source.npy", source)
+    trained = int(built.trained[pieces].sum()) if len(pieces) else 0
+    return Encoded(arrays["ids"], arrays["labels"], offsets, source, trained)
+
+
+def _in_memory(data: Encoded) -> Encoded:
+    return Encoded(np.array(data.ids), np.array(data.labels), data.offsets, data.source, data.trained)
 
 
 def _cache_key(recipe, tokenizer, formatter: Formatter, fingerprints: list[str]) -> str:
+    data = json.loads(recipe.data.model_dump_json())
+    # What cannot change the arrays: how many processes made them, and how each epoch mixes them.
+    for key in ("num_proc", "epoch_samples", "replacement"):
+        data.pop(key, None)
+    for source in data["train"]:
+        source.pop("weight", None)
     parts = {
         "version": CACHE_VERSION,
-        "data": json.loads(recipe.data.model_dump_json()),
+        "data": data,
         "seed": recipe.training.seed,
         "sources": fingerprints,
         "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
@@ -205,29 +316,23 @@ def _cache_key(recipe, tokenizer, formatter: Formatter, fingerprints: list[str])
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _read_cache(root: Path, key: str):
-    path = root / f"{key}.npz"
-    meta = root / f"{key}.json"
-    if not (path.is_file() and meta.is_file()):
+def _read_cache(folder: Path):
+    """A cache entry's sets, memory-mapped, and its report; None when absent or damaged (it is then rebuilt)."""
+    meta = folder / "meta.json"
+    if not meta.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as arrays:
-            train = Encoded(arrays["train_ids"], arrays["train_labels"], arrays["train_offsets"])
-            evaluation = Encoded(arrays["eval_ids"], arrays["eval_labels"], arrays["eval_offsets"])
-        return train, evaluation, json.loads(meta.read_text())
-    except (OSError, ValueError, KeyError):
-        return None  # a damaged cache entry is rebuilt
-
-
-def _write_cache(root: Path, key: str, train: Encoded, evaluation: Encoded, report: DataReport) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    with atomic_file(root / f"{key}.npz", "wb") as handle:
-        np.savez(
-            handle,
-            train_ids=train.ids, train_labels=train.labels, train_offsets=train.offsets,
-            eval_ids=evaluation.ids, eval_labels=evaluation.labels, eval_offsets=evaluation.offsets,
-        )
-    saved = {k: getattr(report, k) for k in ("truncated", "dropped_too_long", "dropped_no_loss", "audit", "render_proof", "rejected")}
-    with atomic_file(root / f"{key}.json") as handle:
-        json.dump(saved, handle)
-
+        saved = json.loads(meta.read_text())
+        sets = []
+        for name, trained in zip(("train", "eval"), saved.pop("trained")):
+            ids, labels = (np.load(folder / f"{name}_{k}.npy", mmap_mode="r", allow_pickle=False) for k in ("ids", "labels"))
+            offsets = np.load(folder / f"{name}_offsets.npy", allow_pickle=False)
+            source = np.load(folder / "train_source.npy", allow_pickle=False) if name == "train" else None
+            if len(ids) != len(labels) or int(offsets[-1]) != len(ids) or (source is not None and len(source) != len(offsets) - 1):
+                raise ValueError("inconsistent arrays")
+            sets.append(Encoded(ids, labels, offsets, source, trained))
+        report = DataReport(**saved)
+        return sets[0], sets[1], report
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        shutil.rmtree(folder, ignore_errors=True)  # ftune's own cache entry, damaged: rebuilt
+        return None

@@ -1,4 +1,5 @@
 """The render proof: what training shows the model for an assistant turn is what inference shows it.
+(And the end-of-turn audit: every answer's end-of-turn token carries loss.)
 
 At inference a server renders the conversation before the turn with the generation prompt,
 tokenizes it, and the model writes the turn. So for every assistant turn ftune trains (in a
@@ -12,6 +13,7 @@ and the first token that differs, and stops the run unless `data.render_check: w
 
 from __future__ import annotations
 
+from ftune.data.chat import IGNORE
 from ftune.data.formats import BadRow, Raw
 from ftune.errors import FtuneError
 
@@ -51,11 +53,17 @@ def prove(formatter, samples: list, places: list[str], *, mode: str = "error", l
                 if problem:
                     mismatches.append({"place": place, "turn": turn.index, **problem})
     report = {"conversations": conversations, "turns": turns, "mismatched": len(mismatches), "mismatches": mismatches[:SHOWN]}
-    if mismatches and mode == "error":
-        first = mismatches[0]
+    return enforce(report, mode)
+
+
+def enforce(report: dict, mode: str) -> dict:
+    """The report, or (mode error) the error naming its first mismatch; reports of parts of the data add up first."""
+    report = {**report, "mismatches": report["mismatches"][:SHOWN]}
+    if report["mismatched"] and mode == "error":
+        first = report["mismatches"][0]
         raise FtuneError(
-            f"render proof failed: in {len(mismatches)} of {turns} assistant turns checked, the tokens trained differ from "
-            f"what the chat template renders at inference. Assistant turn messages[{first['turn']}]: {first['detail']}",
+            f"render proof failed: in {report['mismatched']} of {report['turns']} assistant turns checked, the tokens trained "
+            f"differ from what the chat template renders at inference. Assistant turn messages[{first['turn']}]: {first['detail']}",
             place=first["place"], hint=TOKENS_HINT if first.get("same_text") else HINT,
         )
     return report
@@ -97,3 +105,30 @@ def _shower(tokenizer):
             return "(the end)"
         return repr(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
     return show
+
+
+def audit_labels(formatter, samples: list[tuple[list[int], list[int]]]) -> dict:
+    """Check on real samples that every answer's end-of-turn token is trained.
+
+    Catches the classic silent failure: the pad token equals EOS and padding is masked by
+    id, so the real EOS is masked too and the model never learns to stop.
+    """
+    end_id = formatter.end_of_turn_id
+    checked = with_end = trained_end = 0
+    for ids, labels in samples:
+        ends = [t for t, token in enumerate(ids) if token == end_id]
+        if not ends:
+            continue
+        checked += 1
+        answer_ends = [t for t in ends if t > 0 and labels[t - 1] != IGNORE]
+        with_end += bool(answer_ends)
+        trained_end += bool(answer_ends) and all(labels[t] == end_id for t in answer_ends)
+    report = {"end_of_turn": formatter.end_of_turn, "end_of_turn_id": end_id, "samples_checked": checked,
+              "answers_ending_trained": trained_end, "answers_ending": with_end}
+    if with_end and trained_end < with_end:
+        raise FtuneError(
+            f"end-of-turn audit failed: in {with_end - trained_end} of {with_end} samples the '{formatter.end_of_turn}' "
+            "closing an answer carries no loss, so the model would not learn to stop",
+            hint="this usually means the pad token equals the end-of-turn token and padding is masked by id",
+        )
+    return report

@@ -4,7 +4,8 @@ Field names are the YAML keys. Each field's description is its documentation: `f
 schema` prints it and error messages quote it. This package imports no torch and nothing
 else of ftune's but `errors` and `safe_yaml`, so `ftune validate` stays fast.
 
-- sections.py: every section but the RL ones, each field documented once
+- sections.py: every section but data and the RL ones, each field documented once
+- data.py: the data section (sources, formats, chat template, mixtures, dedup, filters)
 - rl.py: rewards and grpo sections
 - model.py: the whole Recipe and the rules that join its sections
 - loading.py: file, safe YAML, --set overrides, errors placed at their line
@@ -21,11 +22,6 @@ from ftune.recipe.sections import (
     CrossFieldError,
     PathText,
     BaseModelSection,
-    DataFormat,
-    FORMAT_COLUMNS,
-    CHAT_TEMPLATE_NAMES,
-    DataSource,
-    DataSection,
     AdapterMethod,
     LORA_METHODS,
     VIRTUAL_TOKEN_METHODS,
@@ -39,6 +35,15 @@ from ftune.recipe.sections import (
     EvaluationSection,
     DistributedSection,
     OutputSection,
+)
+from ftune.recipe.data import (
+    DataFormat,
+    FORMAT_COLUMNS,
+    CHAT_TEMPLATE_NAMES,
+    DataSource,
+    DedupSection,
+    FiltersSection,
+    DataSection,
 )
 from ftune.recipe.rl import (
     REWARD_TYPES,

@@ -7,15 +7,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ftune.recipe.data import FORMAT_COLUMNS, DataSection, DataSource
 from ftune.recipe.rl import REWARD_FIELDS, GrpoSection, RewardSection
 from ftune.recipe.sections import (
-    FORMAT_COLUMNS,
     VIRTUAL_TOKEN_METHODS,
     AdapterSection,
     BaseModelSection,
     CrossFieldError,
-    DataSection,
-    DataSource,
     DistributedSection,
     EvaluationSection,
     OutputSection,
@@ -55,6 +53,7 @@ class Recipe(Section):
         if self.quantization.load_in_4bit and self.adapter.method == "none":
             problems.append(("quantization.load_in_4bit", "QLoRA needs an adapter: set adapter.method to lora, dora or another adapter method"))
         problems += _adapter_problems(self)
+        problems += _sft_data_problems(self)
         problems += _grpo_problems(self)
         problems += _rm_problems(self)
         if self.stage == "dpo" and self.preference is None:
@@ -181,3 +180,18 @@ def _column_problems(source: DataSource, at: tuple) -> list[tuple[tuple, str]]:
     return problems
 
 
+
+
+def _sft_data_problems(recipe: Recipe) -> list[tuple[str | tuple, str]]:
+    """Data settings only the SFT pipeline has (token-length filters, weighted mixtures, parallel tokenization)."""
+    if recipe.stage == "sft":
+        return []
+    data, problems = recipe.data, []
+    for key in ("min_tokens", "max_tokens"):
+        if getattr(data.filters, key) is not None:
+            problems.append((f"data.filters.{key}", f"applies to stage: sft (tokens as rendered for training), not {recipe.stage}"))
+    problems += [(("data", "train", i, "weight"), f"weighted mixtures apply to stage: sft, not {recipe.stage}")
+                 for i, source in enumerate(data.train) if source.weight is not None]
+    if data.num_proc is not None:
+        problems.append(("data.num_proc", f"applies to stage: sft (its data is tokenized in parallel), not {recipe.stage}"))
+    return problems

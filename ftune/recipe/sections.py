@@ -1,8 +1,7 @@
-"""The recipe's sections: base model, data, adapter, quantization, training, preference, reward model, evaluation, distributed, output."""
+"""The recipe's sections (data is in data.py): base model, adapter, quantization, training, preference, reward model, evaluation, distributed, output."""
 
 from __future__ import annotations
 
-import difflib
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
@@ -68,113 +67,6 @@ class BaseModelSection(Section):
             "Attention kernel. auto: sdpa, and when training on packed rows, SDPA run sample by sample on "
             "Llama, Mistral, Qwen2/3, Phi-3, OLMo-2 and Granite models (ftune/attention.py)."
         ),
-    )
-
-
-DataFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference", "kto", "prompts"]
-# The columns each format reads (ftune/data/formats.py): what `columns:` may map a column to.
-FORMAT_COLUMNS = {
-    "alpaca": ("instruction", "input", "output", "system"),
-    "messages": ("messages",),
-    "sharegpt": ("conversations",),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-    "preference": ("prompt", "chosen", "rejected", "margin"),
-    "kto": ("prompt", "completion", "label"),
-    "prompts": ("prompt", "messages"),
-}
-
-
-CHAT_TEMPLATE_NAMES = ("auto", "chatml", "alpaca", "llama3")
-
-
-def _chat_template(value: str) -> str:
-    if value in CHAT_TEMPLATE_NAMES or "{{" in value or "{%" in value:
-        return value
-    _plain_path(value)
-    if "/" not in value and "." not in value:  # neither a name nor a file name: most likely a misspelt name
-        close = difflib.get_close_matches(value, CHAT_TEMPLATE_NAMES, n=1, cutoff=0.5)
-        raise ValueError(f"'{value}' is not one of {', '.join(CHAT_TEMPLATE_NAMES)}, a Jinja file (e.g. template.jinja) "
-                         f"or an inline template" + (f"; did you mean '{close[0]}'?" if close else ""))
-    return value
-
-
-def _tool_specs(value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    for i, spec in enumerate(value):
-        function = spec.get("function", spec)
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"].strip():
-            raise ValueError(f"tools[{i}] needs a function name: {{name: ..., description: ..., parameters: {{...}}}} "
-                             "or OpenAI's {type: function, function: {name: ...}}")
-        if "parameters" in function and not isinstance(function["parameters"], dict):
-            raise ValueError(f"tools[{i}].parameters must be a JSON-schema object")
-    return value
-
-
-class DataSource(Section):
-    path: PathText = Field(
-        description="A local .json, .jsonl, .parquet or .csv file (relative to the recipe), or a datasets hub name."
-    )
-    format: DataFormat = Field(
-        "auto",
-        description="Row format; auto detects it from the columns. preference: prompt/chosen/rejected, "
-        "chosen/rejected message lists, or hh-rlhf dialogue pairs. kto: prompt/completion/label. prompts (stage: grpo; "
-        "auto means prompts there): a prompt column (text, or messages ending with a user turn) or messages ending with a "
-        "user turn; every other column goes to the reward functions.",
-    )
-    split: str = Field("train", description="Split to read from a hub dataset.")
-    subset: str | None = Field(None, description="Configuration name of a hub dataset.")
-    columns: dict[str, str] = Field(
-        default_factory=dict,
-        description="Map ftune's column names to yours, e.g. {instruction: question, output: answer}.",
-    )
-    samples: int | None = Field(None, gt=0, le=MAX_COUNT, description="Use at most this many rows of this source (after shuffling).")
-    tools: Annotated[list[dict[str, Any]], AfterValidator(_tool_specs)] = Field(
-        default_factory=list,
-        description="Function specs (JSON schema, OpenAI's form or bare {name, description, parameters}) given to the "
-        "chat template as `tools=` for this source's conversations that have no `tools` of their own.",
-    )
-
-
-class DataSection(Section):
-    train: list[DataSource] = Field(min_length=1, description="Training data: one or more sources, concatenated.")
-    eval: list[DataSource] = Field(
-        default_factory=list, description="Held-out data; when empty, eval_fraction of train is held out."
-    )
-    eval_fraction: float = Field(
-        0.05, ge=0.0, lt=1.0, description="Share of the training rows held out when no eval sources are given."
-    )
-    on_bad_row: Literal["error", "skip"] = Field(
-        "error", description="A row that cannot be used stops the run (error) or is counted and skipped (skip)."
-    )
-    chat_template: Annotated[str, Field(min_length=1), AfterValidator(_chat_template)] = Field(
-        "auto", description="auto uses the tokenizer's own chat template (chatml when it has none); or chatml, alpaca, "
-        "llama3; or a Jinja file (relative to the recipe; a .json file's \"chat_template\" key) or the template inline. "
-        "It is saved with the adapter, so merged models, GGUF files and Modelfiles carry it.",
-    )
-    system_prompt: str | None = Field(None, description="A system turn added to every conversation that has none.")
-    train_on: Literal["assistant", "all"] = Field(
-        "assistant", description="Put loss on assistant turns only (with their end-of-turn token), or on every token."
-    )
-    reasoning: Literal["train", "mask", "drop"] = Field(
-        "train", description="An assistant turn's reasoning (reasoning_content, or <think>...</think> inline): train it, "
-        "mask it (rendered, no loss on its text), or drop it before rendering. Tool results never carry loss."
-    )
-    turns: Literal["all", "last", "split"] = Field(
-        "all", description="Which assistant turns a conversation trains: all (one sample), last (one sample, loss on the "
-        "final turn only), or split (one sample per assistant turn, its history rendered as at inference: for templates "
-        "that rewrite earlier turns, such as Qwen3 dropping their reasoning)."
-    )
-    render_check: Literal["error", "warn"] = Field(
-        "error", description="The render proof (before training and in `ftune inspect`): for the first 200 conversations, "
-        "every trained assistant turn's tokens must equal what the chat template renders at inference. A mismatch stops "
-        "the run (error) or is reported (warn)."
-    )
-    max_length: int = Field(1024, ge=16, le=MAX_TOKENS, description="Longest sample in tokens.")
-    too_long: Literal["truncate", "drop"] = Field(
-        "truncate", description="What happens to a sample longer than max_length; either way it is counted."
-    )
-    packing: bool = Field(
-        True, description="Pack samples into rows of max_length with no padding; each sample attends only to itself."
     )
 
 

@@ -56,6 +56,8 @@ def show_data(data: Data, say) -> None:
         rows.append(("too long", f"{report.truncated} truncated, {report.dropped_too_long} dropped"))
     if report.dropped_no_loss:
         rows.append(("dropped (no answer tokens left)", str(report.dropped_no_loss)))
+    if report.removed_count:
+        rows.append(("removed (data.dedup, data.filters)", ", ".join(f"{n} {rule}" for rule, n in report.removed_by_rule.items())))
     if report.audit:
         audit = report.audit
         rows.append(("end-of-turn audit", f"'{audit['end_of_turn']}' trained in {audit['answers_ending_trained']} of {audit['answers_ending']} answers"))
