@@ -39,7 +39,7 @@ from ftune.data.formats import BadRow, convert_row
 from ftune.data.sources import FILE_SUFFIXES, read_source
 from ftune.errors import FtuneError
 from ftune.ownership import atomic_dir, check_target
-from ftune.recipe import load_recipe
+from ftune.recipe import DataSource, Recipe, load_recipe
 
 ALLOWED = {  # the formats each stage trains on (as its data loader allows them)
     "sft": {"alpaca", "messages", "sharegpt", "prompt_completion", "text"},
@@ -127,7 +127,7 @@ def curate(recipe_path: Path, overrides: list[str] = (), *, out: Path | None = N
     return result
 
 
-def _curate_source(recipe, source, base_dir: Path, rules: Rules, formatter, deduper: Deduper, places: list[str],
+def _curate_source(recipe: Recipe, source: DataSource, base_dir: Path, rules: Rules, formatter, deduper: Deduper, places: list[str],
                    report: SourceReport, removals: list[Removal]) -> list:
     """The source's kept rows as read, in file order; its removals are appended to `removals`."""
     rows, _ = read_source(source.path, base_dir=base_dir, split=source.split, subset=source.subset)
@@ -184,7 +184,7 @@ def _length_reasons(formatter, samples: dict, shown: list[str], rules: Rules, re
                 del samples[i]
 
 
-def _formatter(recipe, base_dir: Path):
+def _formatter(recipe: Recipe, base_dir: Path):
     """The recipe's tokenizer and chat template, as `ftune inspect` and training build them (no weights)."""
     from ftune import models
     from ftune.data.chat import formatter_for

@@ -215,7 +215,7 @@ def eval_data(targets: list[chat.Target], held_out: HeldOut | None, data: Path |
     return recipe, eval_set, tokenizer, source
 
 
-def score(loaded, eval_set: Encoded, recipe, tokenizer) -> dict:
+def score(loaded, eval_set: Encoded, recipe: Recipe, tokenizer) -> dict:
     """eval_loss (mean over answer tokens), eval_perplexity and eval_tokens of one model."""
     if isinstance(loaded, chat.GGUFModel):
         result = gguf_loss(loaded, eval_set, tokenizer)

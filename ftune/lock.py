@@ -148,8 +148,13 @@ def _alive(holder: dict | None) -> bool:
         return False
     if holder.get("host") != socket.gethostname():
         return True  # another machine's process cannot be checked from here: assume it runs
+    return pid_alive(holder["pid"])
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine runs (another user's counts)."""
     try:
-        os.kill(holder["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:

@@ -22,6 +22,11 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ftune.recipe import Recipe
+
 
 GIB = 2**30
 BNB_BLOCK, BNB_BLOCK2 = 64, 256  # bitsandbytes 4-bit block sizes (weights; constants when double-quantized)
@@ -141,7 +146,7 @@ def _adapter_kind(module) -> str | None:
     return None
 
 
-def estimate(recipe, count: ModelCount, *, tokens: int, labelled: int, device: str = "cuda") -> MemoryEstimate:
+def estimate(recipe: Recipe, count: ModelCount, *, tokens: int, labelled: int, device: str = "cuda") -> MemoryEstimate:
     """Peak memory of one training step of `recipe`; `tokens` and `labelled` are per micro-batch.
 
     device "cuda": dtype auto means bfloat16 and the CUDA context is added; "cpu": float32, no context.
@@ -197,7 +202,7 @@ def estimate(recipe, count: ModelCount, *, tokens: int, labelled: int, device: s
     return MemoryEstimate(tuple(lines), checkpointing, full_line if checkpointing else ckpt_line, device)
 
 
-def _generation(recipe, count: ModelCount, w: int, training_peak: float) -> Line:
+def _generation(recipe: Recipe, count: ModelCount, w: int, training_peak: float) -> Line:
     """GRPO samples a whole group with a KV cache before each step's forward and backward, so only
     what the cache and the sampling logits need beyond the training activations adds to the peak."""
     grpo = recipe.grpo
@@ -211,7 +216,7 @@ def _generation(recipe, count: ModelCount, w: int, training_peak: float) -> Line
                 f"+ logits {sequences} x {count.vocab:,} x 4 B, less the {gib(training_peak)} of activations it replaces")
 
 
-def _with_virtual_tokens(recipe, count: ModelCount, tokens: int, b: int) -> tuple[int, float, str]:
+def _with_virtual_tokens(recipe: Recipe, count: ModelCount, tokens: int, b: int) -> tuple[int, float, str]:
     """(tokens the layers run on, bytes beyond their per-token terms, a note for the formula).
 
     Packing is off for these methods: every row holds one sample, with the virtual tokens in

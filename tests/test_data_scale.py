@@ -219,3 +219,41 @@ def test_load_time_dedup_keeps_the_first_across_parallel_jobs_and_names_both_row
     assert report.sources[0]["used"] == 2498 and report.removed_by_rule == {"near duplicate": 1, "exact duplicate": 1}
     for one, two in zip(arrays(results[0]), arrays(results[1])):
         assert np.array_equal(one, two)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        found += [int(c) for c in children]
+    return found
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_during_parallel_tokenization_stops_every_worker(signal_name, tmp_path, tiny_model_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_rows(tmp_path / "train.jsonl", [alpaca(i, words=40) for i in range(40 * build.CHUNK)])
+    (tmp_path / "recipe.yaml").write_text(f"stage: sft\nbase_model: {{name: {tiny_model_dir}}}\n"
+                                          "data: {train: [{path: train.jsonl}], num_proc: 2}\noutput: {dir: run}\n")
+    env = {**os.environ, "FTUNE_CACHE": str(tmp_path / "cache")}
+    process = subprocess.Popen([sys.executable, "-m", "ftune", "inspect", str(tmp_path / "recipe.yaml")], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while len(_children(process.pid)) < 2:  # the workers have started
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0][-2000:]
+        time.sleep(0.05)
+    workers = _children(process.pid)
+    process.send_signal(getattr(signal, signal_name))
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode in (130, 143, -15), output[-2000:]
+    assert "Traceback" not in output
+    alive = lambda: [w for w in workers if Path(f"/proc/{w}").exists() and "zombie" not in Path(f"/proc/{w}/status").read_text()]  # noqa: E731
+    deadline = time.time() + 10  # they die with their parent, a moment after it
+    while alive() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive()
+    assert not list((tmp_path / "cache" / "data").glob(".*")) or signal_name == "SIGTERM"  # Ctrl-C cleans up its spill

@@ -22,6 +22,7 @@ import signal
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -42,6 +43,10 @@ from ftune.data.formats import BadRow, check_allowed, convert_row
 from ftune.data.render_proof import CONVERSATIONS_CHECKED
 from ftune.data.sources import Opened, Unit, open_source, parse, place_of
 from ftune.errors import FtuneError
+
+if TYPE_CHECKING:
+    from ftune.recipe import DataSection, DataSource
+
 
 CHUNK = 1024  # rows per job: big enough that a job's fixed costs vanish, small enough to keep workers even
 
@@ -90,7 +95,7 @@ def default_num_proc() -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def build(section, sources: list, formatter, allowed: set[str], *, base_dir: Path, spill: Path, num_proc: int,
+def build(section: DataSection, sources: list[DataSource], formatter, allowed: set[str], *, base_dir: Path, spill: Path, num_proc: int,
           opened: list[Opened] | None = None) -> Built:
     """Every row of `sources` (train then eval), tokenized into spill files under `spill`."""
     rules = curation.Rules.from_section(section)
@@ -176,7 +181,9 @@ class _Workers:
         try:
             for _ in range(self.num_proc):
                 mine, theirs = context.Pipe()
-                process = context.Process(target=_serve, args=(theirs,), daemon=True)
+                # The child closes the parent's ends it inherits (its own and earlier workers'):
+                # a pipe must close when the parent dies, so that no worker waits on it for ever.
+                process = context.Process(target=_serve, args=(theirs, [mine, *self.pipes]), daemon=True)
                 process.start()
                 theirs.close()
                 self.processes.append(process)
@@ -194,8 +201,11 @@ class _Workers:
         self.processes, self.pipes = [], []
 
 
-def _serve(pipe) -> None:
-    """A worker: jobs in, results out, until the parent closes its end."""
+def _serve(pipe, inherited: list) -> None:
+    """A worker: jobs in, results out, until the parent closes its end (or dies: then so does the worker)."""
+    for other in inherited:
+        other.close()
+    _die_with_parent()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; the workers are the parallelism
     while True:
         try:
@@ -207,6 +217,18 @@ def _serve(pipe) -> None:
         except Exception:
             done = traceback.format_exc()
         pipe.send(done)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies, even by SIGKILL (elsewhere the closed pipe ends it)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before that took hold
+        os._exit(0)
 
 
 class _Parent:

@@ -9,6 +9,7 @@ it forks, so nothing large is pickled.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,10 @@ from ftune.data.formats import BadRow, Raw, convert_row
 from ftune.data.render_proof import prove
 from ftune.data.sources import Unit, parse
 from ftune.errors import FtuneError
+
+if TYPE_CHECKING:
+    from ftune.recipe import DataSection
+
 
 EXAMPLES = 4  # train samples annotated for `ftune inspect`
 
@@ -133,7 +138,7 @@ def _convert(data, job: Job, allowed: set[str], place: str):
     return convert_row(data, job.fmt or "auto", columns=job.columns, tools=job.tools, allowed=allowed, place=place)[0]
 
 
-def _tokenize(formatter, section, rules, samples, places, positions, rows: int, status: list, reasons: dict) -> Done:
+def _tokenize(formatter, section: DataSection, rules: curation.Rules, samples, places, positions, rows: int, status: list, reasons: dict) -> Done:
     pieces = np.zeros(rows, np.int32)
     truncated, too_long, no_loss = (np.zeros(rows, np.int32) for _ in range(3))
     lengths, trained, ids_parts, labels_parts = [], [], [], []

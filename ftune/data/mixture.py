@@ -12,12 +12,18 @@ sample repeats as evenly as possible.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ftune.errors import FtuneError
 
+if TYPE_CHECKING:
+    from ftune.recipe import DataSection
 
-def weights_of(section) -> list[float] | None:
+
+
+def weights_of(section: DataSection) -> list[float] | None:
     """The train sources' weights, or None when the data is not a weighted mixture."""
     if not section.train or section.train[0].weight is None:
         return None
@@ -35,7 +41,7 @@ def quotas(weights: list[float], total: int) -> list[int]:
     return [int(c) for c in counts]
 
 
-def plan(section, available: list[int]) -> list[int] | None:
+def plan(section: DataSection, available: list[int]) -> list[int] | None:
     """Each source's samples per epoch, or None without weights; an impossible mixture is an error now."""
     weights = weights_of(section)
     if weights is None:

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,11 @@ from ftune.data.packing import Encoded
 from ftune.data.render_proof import audit_labels, enforce
 from ftune.data.sources import open_source, read_source
 from ftune.errors import FtuneError
+from ftune.lock import pid_alive
+
+if TYPE_CHECKING:
+    from ftune.recipe import DataSection, Recipe
+
 
 CACHE_VERSION = "sft-v4"
 
@@ -78,7 +84,7 @@ def load_samples(data_section, *, base_dir: Path, seed: int, allowed: set[str]) 
     return train, evaluation, report, fingerprints
 
 
-def _load_split(sources, section, base_dir, seed, allowed, report: DataReport, fingerprints: list[str]) -> Loaded:
+def _load_split(sources, section: DataSection, base_dir: Path, seed: int, allowed: set[str], report: DataReport, fingerprints: list[str]) -> Loaded:
     out = Loaded()
     rules = curation.Rules.from_section(section)
     deduper = curation.Deduper(rules) if rules.dedup else None
@@ -145,7 +151,7 @@ def _curated(rows: list, source, rules: curation.Rules, deduper, seen: list[str]
     return kept
 
 
-def prepare_sft(recipe, tokenizer, formatter: Formatter, *, base_dir: Path, cache_root: Path | None) -> tuple[Encoded, Encoded, DataReport]:
+def prepare_sft(recipe: Recipe, tokenizer, formatter: Formatter, *, base_dir: Path, cache_root: Path | None) -> tuple[Encoded, Encoded, DataReport]:
     """Train and eval sets for SFT, from the cache when nothing that shapes them changed.
 
     A cache hit reads no row: the key is made of the sources' content hashes, and the arrays
@@ -160,7 +166,11 @@ def prepare_sft(recipe, tokenizer, formatter: Formatter, *, base_dir: Path, cach
     cached = _read_cache(cache_root / key) if cache_root else None
     if cached is not None:
         return cached
-    spill = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=_made(cache_root))) if cache_root else Path(tempfile.mkdtemp(prefix="ftune-data-"))
+    if cache_root:
+        _remove_dead_spills(cache_root)
+        spill = Path(tempfile.mkdtemp(prefix=f".spill.{os.getpid()}.", dir=_made(cache_root)))
+    else:
+        spill = Path(tempfile.mkdtemp(prefix="ftune-data-"))
     try:
         built = build(section, sources, formatter, SFT_FORMATS, base_dir=base_dir, spill=spill,
                       num_proc=section.num_proc or default_num_proc(), opened=opened)
@@ -190,12 +200,22 @@ def prepare_sft(recipe, tokenizer, formatter: Formatter, *, base_dir: Path, cach
 SFT_FORMATS = {"alpaca", "messages", "sharegpt", "prompt_completion", "text"}
 
 
+def _remove_dead_spills(root: Path) -> None:
+    """Spill folders a killed process left in the cache (named .spill.PID.*): ftune's own, removed once PID is gone."""
+    for folder in root.glob(".spill.*.*"):
+        pid = folder.name.split(".")[2]
+        if pid.isdigit() and not pid_alive(int(pid)) and folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+
+    return True
+
+
 def _made(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     return root
 
 
-def _select(built, section, seed: int, report: DataReport) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _select(built, section: DataSection, seed: int, report: DataReport) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Which pieces train and which are held out, in order, with each train piece's source; fills the report.
 
     As it always was: each source's usable rows in a seeded order, capped by its `samples`; the
@@ -296,7 +316,7 @@ def _in_memory(data: Encoded) -> Encoded:
     return Encoded(np.array(data.ids), np.array(data.labels), data.offsets, data.source, data.trained)
 
 
-def _cache_key(recipe, tokenizer, formatter: Formatter, fingerprints: list[str]) -> str:
+def _cache_key(recipe: Recipe, tokenizer, formatter: Formatter, fingerprints: list[str]) -> str:
     data = json.loads(recipe.data.model_dump_json())
     # What cannot change the arrays: how many processes made them, and how each epoch mixes them.
     for key in ("num_proc", "epoch_samples", "replacement"):
