@@ -192,7 +192,9 @@ def score(
 
 
 
-from ftune.gguf import formats as gguf_formats  # light: the type table for --help, no numpy or gguf
+from ftune.gguf import (
+    formats as gguf_formats,  # light: the type table for --help, no numpy or gguf
+)
 
 
 @app.command(

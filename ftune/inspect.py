@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,8 +18,10 @@ from ftune import memory, models
 from ftune.data.chat import IGNORE, KINDS, Formatter, formatter_for
 from ftune.data.packing import Encoded
 from ftune.data.pipeline import DataReport, prepare_sft
-from ftune.errors import FtuneError
 from ftune.recipe import Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from ftune.inspect_stages import StageInspection
 
 TRAINED, MASKED = "bold green", "grey50"  # loss on the token / none; special tokens are shown reversed
 # Where a tool call, a tool result or reasoning begins, a tag in this style says so (it is not a token).
@@ -41,6 +44,7 @@ class Inspection:
     memory: memory.MemoryEstimate
     memory_cpu: memory.MemoryEstimate  # the same recipe trained on this machine's CPU (float32, no CUDA context)
     model: memory.ModelCount  # parameters of the model and of its adapter, as peft builds it
+    shares: list[tuple[float | None, float]] = ()  # per train source: (planned share or None, share of epoch 0's samples)
 
     @property
     def samples(self) -> int:
@@ -79,17 +83,21 @@ class Inspection:
             "render_proof": r.render_proof,
             "memory_gib": {line.what: line.bytes / memory.GIB for line in self.memory.lines} | {"total": self.memory.total / memory.GIB},
             "trainable_parameters": self.model.trainable, "parameters": self.model.params,
+            "shares": [{"planned": planned, "drawn": drawn} for planned, drawn in self.shares],
+            "removed": r.removed, "removed_count": r.removed_count, "removed_by_rule": r.removed_by_rule,
         }
 
 
-def inspect_recipe(recipe_path: Path, overrides: list[str] = ()) -> Inspection:
+def inspect_recipe(recipe_path: Path, overrides: list[str] = ()) -> Inspection | StageInspection:
     from ftune.steps import count_steps, row_widths, sft_micro_batches
 
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path, overrides)
     models.quiet_libraries()
-    if recipe.stage != "sft":
-        raise FtuneError(f"ftune inspect reads sft recipes; this one is for stage '{recipe.stage}'", place=str(recipe_path))
+    if recipe.stage != "sft":  # grpo, dpo, rm: each through its own stage's data and step functions
+        from ftune.inspect_stages import inspect_stage
+
+        return inspect_stage(recipe, recipe_path)
     base_dir = recipe_path.parent.resolve()
     base = recipe.base_model
     source = _config_source(base.name, base.revision, base_dir)
@@ -110,6 +118,7 @@ def inspect_recipe(recipe_path: Path, overrides: list[str] = ()) -> Inspection:
     else:
         slots = sum(len(rows) * max(rows) for rows in row_lengths)  # collate pads each batch to its longest row
     steps_per_epoch, total_steps = count_steps(recipe, train, world=world, source=str(recipe_path))
+    shares = _shares(recipe, train)
 
     count = memory.count_model(config, recipe.adapter)
 
@@ -130,8 +139,22 @@ def inspect_recipe(recipe_path: Path, overrides: list[str] = ()) -> Inspection:
         rows_per_batch=[len(b) for b in batches], token_slots=slots,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         memory=memory.estimate(recipe, count, **per_pass("cuda"), device="cuda"),
-        memory_cpu=memory.estimate(recipe, count, **per_pass("cpu"), device="cpu"), model=count,
+        memory_cpu=memory.estimate(recipe, count, **per_pass("cpu"), device="cpu"), model=count, shares=shares,
     )
+
+
+def _shares(recipe: Recipe, train: Encoded) -> list[tuple[float | None, float]]:
+    """Each train source's planned share (its weight's) and its share of epoch 0's samples as drawn."""
+    from ftune.data import mixture
+    from ftune.steps import epoch_samples
+
+    sources = len(recipe.data.train)
+    source_of = train.source if train.source is not None else np.zeros(len(train), np.int16)
+    chosen = epoch_samples(recipe, train, 0)
+    drawn = mixture.shares(source_of, np.arange(len(train)) if chosen is None else chosen, sources)
+    weights = mixture.weights_of(recipe.data)
+    planned = [w / sum(weights) for w in weights] if weights else [None] * sources
+    return list(zip(planned, drawn))
 
 
 def _config_source(name: str, revision: str | None, base_dir: Path) -> str:
@@ -154,21 +177,37 @@ def _most_labelled(data: Encoded, batches: list[list[list[int]]]) -> int:
 
 
 def print_inspection(ins: Inspection, console, *, samples: int = 2, gpu_gib: float = 24.0) -> None:
+    if not isinstance(ins, Inspection):  # a grpo, dpo or rm recipe's StageInspection
+        from ftune.inspect_stages import print_stage
+
+        return print_stage(ins, console, samples=samples, gpu_gib=gpu_gib)
     from rich.table import Table
 
     from ftune.progress import summary_table
 
     r, recipe = ins.report, ins.recipe
     sources = Table(title="data sources")
-    for column in ("source", "format", "rows", "used", "skipped"):
+    columns = ["source", "format", "rows", "used", "skipped"] + (["removed"] if r.removed_count else [])
+    columns += ["share of an epoch"] + (["planned share"] if any(p is not None for p, _ in ins.shares) else [])
+    for column in columns:
         sources.add_column(column, justify="left" if column in ("source", "format") else "right")
-    for s in r.sources:
-        sources.add_row(s["path"], s["format"], f"{s['rows']:,}", f"{s['used']:,}", f"{s['skipped']:,}")
+    for i, s in enumerate(r.sources):
+        cells = [s["path"], s["format"], f"{s['rows']:,}", f"{s['used']:,}", f"{s['skipped']:,}"]
+        cells += [f"{s.get('removed', 0):,}"] if r.removed_count else []
+        planned, drawn = ins.shares[i] if i < len(ins.shares) else (None, None)
+        cells += [f"{drawn:.1%}" if drawn is not None else "eval"]
+        cells += [f"{planned:.1%}" if planned is not None else ""] if "planned share" in columns else []
+        sources.add_row(*cells)
     console.print(sources)
     for line in r.skipped:
         console.print(f"  skipped {line}", highlight=False, markup=False)
     if r.skipped_count > len(r.skipped):
         console.print(f"  ... and {r.skipped_count - len(r.skipped)} more skipped rows", highlight=False)
+    for line in r.removed:
+        console.print(f"  removed {line}", highlight=False, markup=False)
+    if r.removed_count > len(r.removed):
+        by_rule = ", ".join(f"{n:,} {rule}" for rule, n in r.removed_by_rule.items())
+        console.print(f"  ... and {r.removed_count - len(r.removed)} more removed rows ({by_rule})", highlight=False)
 
     tc, max_length = recipe.training, recipe.data.max_length
     too_long = r.truncated + r.dropped_too_long

@@ -257,3 +257,14 @@ def test_a_stop_signal_during_parallel_tokenization_stops_every_worker(signal_na
         time.sleep(0.1)
     assert not alive()
     assert not list((tmp_path / "cache" / "data").glob(".*")) or signal_name == "SIGTERM"  # Ctrl-C cleans up its spill
+
+
+def test_a_cached_report_names_the_files_this_recipe_reads(tmp_path, tokenizer, formatter):
+    # The same rows in two folders: the second recipe's report must not name the first folder's file.
+    reports = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        write_rows(tmp_path / name / "train.jsonl", [alpaca(i) for i in range(20)] + [{"instruction": "q"}])
+        recipe = recipe_for(tmp_path / name, "  on_bad_row: skip\n")
+        reports.append(prepare_sft(recipe, tokenizer, formatter, base_dir=tmp_path / name, cache_root=tmp_path / "cache")[2])
+    assert [r.skipped[0].split(" line ")[0] for r in reports] == [str(tmp_path / n / "train.jsonl") for n in ("one", "two")]

@@ -162,7 +162,8 @@ def prepare_sft(recipe: Recipe, tokenizer, formatter: Formatter, *, base_dir: Pa
     section = recipe.data
     sources = [*section.train, *section.eval]
     opened = [open_source(s.path, base_dir=base_dir, split=s.split, subset=s.subset, streaming=s.streaming) for s in sources]
-    key = _cache_key(recipe, tokenizer, formatter, [o.fingerprint for o in opened])
+    # The names are in the key too: the cached report's places name the files as this recipe reads them.
+    key = _cache_key(recipe, tokenizer, formatter, [[o.name, o.fingerprint] for o in opened])
     cached = _read_cache(cache_root / key) if cache_root else None
     if cached is not None:
         return cached
@@ -316,7 +317,7 @@ def _in_memory(data: Encoded) -> Encoded:
     return Encoded(np.array(data.ids), np.array(data.labels), data.offsets, data.source, data.trained)
 
 
-def _cache_key(recipe: Recipe, tokenizer, formatter: Formatter, fingerprints: list[str]) -> str:
+def _cache_key(recipe: Recipe, tokenizer, formatter: Formatter, fingerprints: list) -> str:
     data = json.loads(recipe.data.model_dump_json())
     # What cannot change the arrays: how many processes made them, and how each epoch mixes them.
     for key in ("num_proc", "epoch_samples", "replacement"):

@@ -79,11 +79,19 @@ def check_rewards(recipe: Recipe, base_dir: Path, rows) -> None:
             run_dir = run_dir if run_dir.is_absolute() else base_dir / run_dir
             if not run_dir.is_dir():
                 raise FtuneError(f"{at}: the reward-model run {run_dir} does not exist", hint="train one with `ftune rm RECIPE`")
+            from ftune import runs
             from ftune.reward import reward_model_kind
 
+            meta = runs.read_json_object(run_dir / runs.RUN_FILE) if (run_dir / runs.RUN_FILE).is_file() else None
+            if meta is not None and meta.get("stage") != "rm":  # found now, not after the policy has loaded
+                raise FtuneError(f"{at}: {run_dir} is an ftune {meta.get('stage')} run, not a reward model",
+                                 hint="name an `ftune rm` run directory")
             if reward_model_kind(run_dir) is None:
                 raise FtuneError(f"{at}: {run_dir} is not a reward model (an `ftune rm` run, a score-head adapter or a "
                                  "sequence-classification model)")
+            if meta is not None and meta.get("status") != "completed":
+                raise FtuneError(f"{at}: the reward-model run {run_dir} is not a completed run (status: {meta.get('status')})",
+                                 hint="finish it (`ftune rm RECIPE --resume`) or name a completed one")
         elif spec.type == "exact_answer":
             for prompts in rows:
                 for columns, place in zip(prompts.columns, prompts.places):
