@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import pty
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from terminal import Terminal
 
 from ftune import chat
 from ftune.evaluate import run_eval
@@ -114,40 +111,6 @@ def test_chat_answers_prompts_for_scripts(tmp_path, tiny_run):
     assert plain.exit_code == 0 and plain.stdout.strip() == expected
 
 
-class Terminal:
-    """A child process on a pseudo-terminal, read until an expected text appears."""
-
-    def __init__(self, args: list[str]):
-        self.fd, child = pty.openpty()
-        env = {**os.environ, "TERM": "dumb", "COLUMNS": "200"}
-        self.process = subprocess.Popen(args, stdin=child, stdout=child, stderr=child, env=env, cwd=ROOT, close_fds=True)
-        os.close(child)
-        self.seen = ""
-
-    def read_until(self, text: str, timeout: float = 120) -> str:
-        deadline = time.monotonic() + timeout
-        while text not in self.seen:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {text!r} in:\n{self.seen}")
-            ready, _, _ = select.select([self.fd], [], [], 0.5)
-            if ready:
-                try:
-                    self.seen += os.read(self.fd, 4096).decode("utf-8", "replace").replace("\r", "")
-                except OSError:  # the child closed the terminal
-                    break
-        at = self.seen.index(text) + len(text)
-        before, self.seen = self.seen[:at], self.seen[at:]
-        return before
-
-    def send(self, line: str) -> None:
-        os.write(self.fd, line.encode())
-
-    def close(self) -> int:
-        code = self.process.wait(timeout=60)
-        os.close(self.fd)
-        return code
-
-
 def test_interactive_chat_in_a_terminal(tiny_run):
     loaded = chat.load(chat.resolve(str(tiny_run)))
     sampling = chat.Sampling(max_new_tokens=8, temperature=0.0)
@@ -156,7 +119,7 @@ def test_interactive_chat_in_a_terminal(tiny_run):
                                        {"role": "user", "content": "What is the code word 4?"}], sampling)
     assert first and "pineapple" in first
 
-    term = Terminal([sys.executable, "-m", "ftune", "chat", str(tiny_run), "--temperature", "0", "--max-new-tokens", "8"])
+    term = Terminal(["chat", str(tiny_run), "--temperature", "0", "--max-new-tokens", "8"], cwd=ROOT)
     assert "/system TEXT" in term.read_until("you> ")
     term.send("What is the code word 4?\n")
     assert first in term.read_until("you> ")  # streamed after "model> ", then the next prompt
@@ -169,7 +132,7 @@ def test_interactive_chat_in_a_terminal(tiny_run):
     term.send("/nonsense\n")
     assert "unknown command /nonsense" in term.read_until("you> ")
     term.send("/quit\n")
-    assert term.close() == 0
+    assert term.close()[0] == 0
 
 
 def test_chat_loop_ends_on_ctrl_d_and_keeps_the_conversation(tiny_run):
