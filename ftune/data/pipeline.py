@@ -289,28 +289,34 @@ def _pieces(built, chosen: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np
     return np.concatenate(parts).astype(np.int64), np.concatenate(owners)
 
 
+GATHER = 1 << 16  # pieces copied per mapping of the spill
+
+
 def _write_split(folder: Path, name: str, built, pieces: np.ndarray, source: np.ndarray | None) -> Encoded:
-    """The pieces, in order, as .npy files in `folder` (opened memory-mapped)."""
+    """The pieces, in order, as .npy files in `folder` (opened memory-mapped).
+
+    Written with plain writes, GATHER pieces at a time from a fresh mapping of the spill, so the
+    pages read and written never pile up in this process's memory (a mapping keeps them resident).
+    """
     spill_offsets = np.concatenate([[0], np.cumsum(built.lengths)]).astype(np.int64)
     lengths = built.lengths[pieces] if len(pieces) else np.zeros(0, np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     total = int(offsets[-1])
-    arrays = {}
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)), "fortran_order": False, "shape": (total,)}
     for kind_, path in (("ids", built.ids_path), ("labels", built.labels_path)):
-        out = np.lib.format.open_memmap(folder / f"{name}_{kind_}.npy", mode="w+", dtype=np.int32, shape=(total,))
-        if total:
-            spilled = np.memmap(path, dtype=np.int32, mode="r")
-            for at, piece in zip(offsets[:-1].tolist(), pieces.tolist()):
-                a, b = spill_offsets[piece], spill_offsets[piece + 1]
-                out[at: at + b - a] = spilled[a:b]
-            del spilled
-        out.flush()
-        arrays[kind_] = out
+        with (folder / f"{name}_{kind_}.npy").open("wb") as out:
+            np.lib.format.write_array_header_1_0(out, header)
+            for first in range(0, len(pieces), GATHER):
+                spilled = np.memmap(path, dtype=np.int32, mode="r")
+                block = pieces[first: first + GATHER]
+                out.write(np.concatenate([spilled[spill_offsets[i]: spill_offsets[i + 1]] for i in block.tolist()]).tobytes())
+                del spilled
     np.save(folder / f"{name}_offsets.npy", offsets)
     if source is not None:
         np.save(folder / f"{name}_source.npy", source)
     trained = int(built.trained[pieces].sum()) if len(pieces) else 0
-    return Encoded(arrays["ids"], arrays["labels"], offsets, source, trained)
+    ids, labels = (np.load(folder / f"{name}_{k}.npy", mmap_mode="r") for k in ("ids", "labels"))
+    return Encoded(ids, labels, offsets, source, trained)
 
 
 def _in_memory(data: Encoded) -> Encoded:
