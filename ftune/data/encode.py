@@ -156,7 +156,8 @@ def _tokenize(formatter, section: DataSection, rules: curation.Rules, samples, p
                     continue
                 truncated[pos] += 1
                 ids, labels = ids[: section.max_length], labels[: section.max_length]
-            shifted = sum(1 for label in labels[1:] if label != IGNORE)
+            ids, labels = np.asarray(ids, np.int32), np.asarray(labels, np.int32)
+            shifted = int((labels[1:] != IGNORE).sum())
             if not shifted:
                 no_loss[pos] += 1
                 continue
@@ -167,8 +168,8 @@ def _tokenize(formatter, section: DataSection, rules: curation.Rules, samples, p
             pieces[pos] += 1
             lengths.append(len(ids))
             trained.append(shifted)
-            ids_parts.append(np.asarray(ids, np.int32))
-            labels_parts.append(np.asarray(labels, np.int32))
+            ids_parts.append(ids)
+            labels_parts.append(labels)
         if filtered and not pieces[pos]:
             status[pos] = FILTERED
             reasons[pos] = filtered
