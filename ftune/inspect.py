@@ -167,9 +167,7 @@ def _config_source(name: str, revision: str | None, base_dir: Path) -> str:
 
 def _most_labelled(data: Encoded, batches: list[list[list[int]]]) -> int:
     """The most loss positions any micro-batch (or pass) holds (a sample's first token is never a target)."""
-    trained = data.labels != IGNORE
-    trained[data.offsets[:-1]] = False
-    per_sample = np.add.reduceat(trained.astype(np.int64), data.offsets[:-1]) if len(data) else np.zeros(0)
+    per_sample = data.trained_per_sample()
     return max((int(sum(per_sample[i] for row in batch for i in row)) for batch in batches), default=0)
 
 

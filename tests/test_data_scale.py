@@ -268,3 +268,23 @@ def test_a_cached_report_names_the_files_this_recipe_reads(tmp_path, tokenizer, 
         recipe = recipe_for(tmp_path / name, "  on_bad_row: skip\n")
         reports.append(prepare_sft(recipe, tokenizer, formatter, base_dir=tmp_path / name, cache_root=tmp_path / "cache")[2])
     assert [r.skipped[0].split(" line ")[0] for r in reports] == [str(tmp_path / n / "train.jsonl") for n in ("one", "two")]
+
+
+def test_smoke_on_a_weighted_recipe_trains_every_source(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    recipe = weighted_recipe(tmp_path, tiny_model_dir)
+    code, output = invoke(["sft", str(recipe), "--smoke"], monkeypatch, capsys)
+    assert code == 0, output
+
+
+def test_trained_tokens_per_sample_are_known_without_reading_labels(tmp_path, tokenizer, formatter):
+    from ftune.data.chat import IGNORE
+    from ftune.data.packing import Encoded
+
+    write_rows(tmp_path / "train.jsonl", [alpaca(i) for i in range(300)])
+    train = prepare_sft(recipe_for(tmp_path), tokenizer, formatter, base_dir=tmp_path, cache_root=tmp_path / "cache")[0]
+    plain = Encoded(np.asarray(train.ids), np.asarray(train.labels), train.offsets)  # nothing known: counted in blocks
+    labels = np.asarray(train.labels) != IGNORE
+    labels[train.offsets[:-1]] = False
+    expected = np.add.reduceat(labels.astype(np.int64), train.offsets[:-1])
+    assert np.array_equal(train.trained_per_sample(), expected) and np.array_equal(plain.trained_per_sample(), expected)
+    assert train.trained_tokens() == plain.trained_tokens() == int(expected.sum())

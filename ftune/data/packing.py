@@ -12,6 +12,7 @@ last position.
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ class Encoded:
     offsets: np.ndarray  # int64, len = samples + 1
     source: np.ndarray | None = None  # int16: which train source each sample came from (weighted mixtures)
     trained: int | None = None  # trained_tokens(), when known without reading every label
+    per_sample: np.ndarray | None = None  # int64: each sample's trained tokens, when known (the cache keeps them)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -41,10 +43,30 @@ class Encoded:
         return self.ids[a:b], self.labels[a:b]
 
     def head(self, n: int) -> Encoded:
-        """The first n samples."""
+        """The first n samples; from a mixture, the first of each source in turn (so every source is in it)."""
         n = min(n, len(self))
+        if self.source is not None and len(np.unique(self.source)) > 1:
+            firsts = [np.flatnonzero(self.source == s) for s in np.unique(self.source)]
+            order = [int(i) for group in itertools.zip_longest(*firsts) for i in group if i is not None][:n]
+            taken = Encoded.from_lists([tuple(part.tolist() for part in self.sample(i)) for i in order])
+            return Encoded(taken.ids, taken.labels, taken.offsets, self.source[order])
         end = self.offsets[n]
-        return Encoded(self.ids[:end], self.labels[:end], self.offsets[: n + 1], None if self.source is None else self.source[:n])
+        return Encoded(self.ids[:end], self.labels[:end], self.offsets[: n + 1], None if self.source is None else self.source[:n],
+                       per_sample=None if self.per_sample is None else self.per_sample[:n])
+
+    def trained_per_sample(self) -> np.ndarray:
+        """Each sample's tokens with loss once shifted; read in blocks when not known (memory stays flat)."""
+        if self.per_sample is not None:
+            return self.per_sample
+        out = np.zeros(len(self), np.int64)
+        for first in range(0, len(self), 1 << 16):
+            last = min(first + (1 << 16), len(self))
+            a, b = int(self.offsets[first]), int(self.offsets[last])
+            trained = np.asarray(self.labels[a:b]) != IGNORE
+            starts = self.offsets[first:last] - a
+            trained[starts] = False
+            out[first:last] = np.add.reduceat(trained, starts, dtype=np.int64)
+        return out
 
     def trained_tokens(self) -> int:
         """Tokens that carry loss once shifted (a sample's first token is never a target)."""

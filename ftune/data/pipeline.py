@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ftune.recipe import DataSection, Recipe
 
 
-CACHE_VERSION = "sft-v4"
+CACHE_VERSION = "sft-v5"
 
 
 @dataclass
@@ -314,13 +314,14 @@ def _write_split(folder: Path, name: str, built, pieces: np.ndarray, source: np.
     np.save(folder / f"{name}_offsets.npy", offsets)
     if source is not None:
         np.save(folder / f"{name}_source.npy", source)
-    trained = int(built.trained[pieces].sum()) if len(pieces) else 0
+    per_sample = built.trained[pieces] if len(pieces) else np.zeros(0, np.int64)
+    np.save(folder / f"{name}_trained.npy", per_sample)
     ids, labels = (np.load(folder / f"{name}_{k}.npy", mmap_mode="r") for k in ("ids", "labels"))
-    return Encoded(ids, labels, offsets, source, trained)
+    return Encoded(ids, labels, offsets, source, int(per_sample.sum()), per_sample)
 
 
 def _in_memory(data: Encoded) -> Encoded:
-    return Encoded(np.array(data.ids), np.array(data.labels), data.offsets, data.source, data.trained)
+    return Encoded(np.array(data.ids), np.array(data.labels), data.offsets, data.source, data.trained, data.per_sample)
 
 
 def _cache_key(recipe: Recipe, tokenizer, formatter: Formatter, fingerprints: list) -> str:
@@ -355,9 +356,11 @@ def _read_cache(folder: Path):
             ids, labels = (np.load(folder / f"{name}_{k}.npy", mmap_mode="r", allow_pickle=False) for k in ("ids", "labels"))
             offsets = np.load(folder / f"{name}_offsets.npy", allow_pickle=False)
             source = np.load(folder / "train_source.npy", allow_pickle=False) if name == "train" else None
-            if len(ids) != len(labels) or int(offsets[-1]) != len(ids) or (source is not None and len(source) != len(offsets) - 1):
+            per_sample = np.load(folder / f"{name}_trained.npy", allow_pickle=False)
+            if (len(ids) != len(labels) or int(offsets[-1]) != len(ids) or len(per_sample) != len(offsets) - 1
+                    or (source is not None and len(source) != len(offsets) - 1)):
                 raise ValueError("inconsistent arrays")
-            sets.append(Encoded(ids, labels, offsets, source, trained))
+            sets.append(Encoded(ids, labels, offsets, source, trained, per_sample))
         report = DataReport(**saved)
         return sets[0], sets[1], report
     except (OSError, ValueError, KeyError, TypeError, IndexError):
