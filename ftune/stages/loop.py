@@ -60,6 +60,9 @@ def _run(stage: Stage, recipe_path: Path, overrides: list[str], stop: StopReques
     models.quiet_libraries()
     if recipe.stage != stage.name:
         raise FtuneError(f"this recipe is for stage '{recipe.stage}'; run it with `ftune {recipe.stage}`", place=str(recipe_path))
+    if smoke and recipe.data.train[0].weight is not None:
+        # --smoke trains on a few samples of each source: its mixture draws them with replacement.
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"replacement": True, "epoch_samples": None})})
     tc = recipe.training
     base_dir = recipe_path.parent.resolve()
     run_dir = runs.output_dir(recipe.output.dir, base_dir, smoke)
