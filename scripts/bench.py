@@ -1,10 +1,11 @@
 """`make bench`: ftune against TRL, side by side, on this machine; writes BENCHMARKS.md and bench.json.
 
-    python scripts/bench.py                        # the defaults (about 25 min on 2 CPU cores)
+    python scripts/bench.py                        # the defaults (about 25 min on 2 CPU cores, and 25 more for the data part)
     python scripts/bench.py --steps 6 --repeats 3  # steadier medians, about 3x longer
     python scripts/bench.py --skip dpo merge export
     python scripts/bench.py --skip startup sft dpo grpo merge export gpu   # the reward-model part alone
     python scripts/bench.py --report-only bench.json   # rewrite BENCHMARKS.md from earlier figures
+    python scripts/bench.py --report-only bench.json --add-part rm=other/bench.json grpo=grpo.json   # parts of other runs
 
 What is measured, and how (BENCHMARKS.md repeats this next to the figures):
 - SFT: trained tokens per second (tokens whose label is not -100 after the shift, the
@@ -26,6 +27,10 @@ What is measured, and how (BENCHMARKS.md repeats this next to the figures):
   When other processes are using the CPUs, each run gets one torch thread (see pick_threads).
   Model loading and tokenization are not timed; the first optimizer step of every run is
   warm-up, and the window runs from its end to the end of the last step.
+- GRPO: scripts/bench_grpo.py (completions per second and peak memory against TRL's GRPOTrainer).
+- Data: scripts/bench_data.py: data preparation of 100k and 1M generated rows (scripts/make_big_dataset.py),
+  `ftune inspect` against TRL's SFTTrainer dataset preparation with packing, and training memory with a
+  1M-row cached set against a 10k-row one (it needs ../shared/data/ to generate the rows).
 - merge and GGUF export: scripts/bench_merge.py and scripts/bench_export.py, run as they are.
 - CLI start-up: `ftune --help` and `ftune validate`, against `python -c pass`.
 - The CPU's float32 matmul peak, and the share of it ftune reaches; on a CUDA GPU, a 1B
@@ -78,8 +83,11 @@ def main() -> None:
                         help="torch threads in every measured process; 0 (default): 1 when other processes are already "
                              "using more than half a core, else torch's default (one per core)")
     parser.add_argument("--startup-runs", type=int, default=5, help="runs of each start-up command (default 5)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["startup", "sft", "dpo", "rm", "grpo", "merge", "export", "gpu"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["startup", "sft", "dpo", "rm", "grpo", "data", "merge", "export", "gpu"],
                         help="parts to leave out")
+    parser.add_argument("--data-rows", type=int, nargs="+", default=[100_000, 1_000_000],
+                        help="sizes for the data-preparation part (default 100000 1000000)")
+    parser.add_argument("--data-repeats", type=int, default=1, help="runs of each side per size in the data part (default 1)")
     parser.add_argument("--profile", action="store_true",
                         help="after the SFT runs, profile one more ftune run (torch.profiler, steps after the first) "
                              "and put its top operations in BENCHMARKS.md")
@@ -88,11 +96,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT, help="folder for BENCHMARKS.md and bench.json (default: the repo)")
     parser.add_argument("--report-only", type=Path, metavar="BENCH_JSON",
                         help="measure nothing: rewrite BENCHMARKS.md from an earlier bench.json")
+    parser.add_argument("--add-part", nargs="+", default=[], metavar="PART=FILE",
+                        help="with --report-only: take PART (e.g. rm, grpo, data) from FILE, another run's bench.json or the "
+                             "part's own JSON (bench_grpo.py --json, bench_data.py --json); the report names that run")
     args = parser.parse_args()
     if args.report_only:
         args.out.mkdir(parents=True, exist_ok=True)
-        write_report(json.loads(args.report_only.read_text()), args.out)
+        report = json.loads(args.report_only.read_text())
+        for item in args.add_part:
+            add_part(report, item, parser)
+        write_report(report, args.out)
         return
+    if args.add_part:
+        parser.error("--add-part goes with --report-only")
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be at least 1")
     command = "python scripts/bench.py" + "".join(f" {a}" for a in sys.argv[1:])
@@ -130,6 +146,15 @@ def main() -> None:
             subprocess.run([sys.executable, str(SCRIPTS / "bench_grpo.py"), "--steps", str(args.steps), "--repeats", str(args.repeats),
                             "--json", str(out)], check=True)
             report["grpo"] = json.loads(out.read_text())
+        if "data" not in args.skip and not ALPACA.is_file():
+            say(f"data: {SHARED_DATA} is not there (the rows are generated from it), skipped")
+            report["data"] = {"skipped": f"{SHARED_DATA} does not exist: scripts/make_big_dataset.py generates the rows from it"}
+        elif "data" not in args.skip:  # scripts/bench_data.py: ftune's data preparation against TRL's, training memory
+            out = tmp / "data.json"
+            subprocess.run([sys.executable, str(SCRIPTS / "bench_data.py"), "--rows", *map(str, args.data_rows),
+                            "--repeats", str(args.data_repeats), "--threads", str(report["threads"]["threads"]), "--json", str(out)],
+                           check=True)
+            report["data"] = json.loads(out.read_text())
         if "merge" not in args.skip:
             report["merge"] = run_script("bench_merge.py", parse_merge)
         if "export" not in args.skip:
@@ -141,6 +166,25 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")  # first: the figures are the costly part
     write_report(report, args.out)
+
+
+def add_part(report: dict, item: str, parser) -> None:
+    """--add-part PART=FILE: one part of another run into this report, with that run's command and date."""
+    part, _, file = item.partition("=")
+    if part not in bench_report.PARTS or not file:
+        parser.error(f"--add-part {item}: expected PART=FILE with PART one of {', '.join(bench_report.PARTS)}")
+    try:
+        other = json.loads(Path(file).read_text())
+    except (OSError, ValueError) as exc:
+        parser.error(f"--add-part {item}: cannot read {file}: {exc}")
+    # A whole bench.json holds the part under its name; a part's own JSON (bench_grpo.py, bench_data.py --json) is the part.
+    whole = isinstance(other.get("machine"), dict) and part in other
+    if isinstance(other.get("machine"), dict) and not whole:
+        parser.error(f"--add-part {item}: {file} is a bench.json without a '{part}' part")
+    report[part] = other[part] if whole else other
+    started = other.get("started") or datetime.fromtimestamp(Path(file).stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+    report.setdefault("parts_from", {})[part] = {"file": file, "command": other.get("command"), "started": started,
+                                                 "settings": other.get("settings") if whole else None}
 
 
 def write_report(report: dict, out: Path) -> None:

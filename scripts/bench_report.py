@@ -13,7 +13,13 @@ TARGETS = {
     "sft_vs_trl_packing": 1.5,  # ftune tokens/s >= 1.5x TRL with packing
     "dpo_vs_trl_default": 1.5,  # ftune pairs/s >= 1.5x TRL defaults
     "rm_vs_trl_default": 1.5,  # ftune reward-model pairs/s >= 1.5x TRL's RewardTrainer defaults, at no more memory
+    "grpo_vs_trl_default": 1.5,  # ftune completions/s >= 1.5x TRL's GRPOTrainer defaults, at no more memory
+    "data_prep_vs_trl": 2.0,  # ftune data preparation (`ftune inspect`) >= 2x faster than TRL's, same cores
+    "data_prep_memory_vs_trl": 0.5,  # ... at <= half TRL's peak RSS
+    "data_prep_scaling": 11.0,  # 1M rows cost <= 11x the time of 100k (10x the rows)
+    "data_training_memory": 1.2,  # training RSS with a 1M-row cached set <= 1.2x that with 10k rows
 }
+PARTS = ("startup", "sft", "dpo", "rm", "grpo", "data", "data_baseline", "merge", "export", "gpu")
 
 
 def fmt_load(load) -> str:
@@ -56,6 +62,16 @@ def judge_targets(report: dict) -> list[dict]:
             f["peak_rss_mib"] <= d["peak_rss_mib"])
     else:
         add("RM targets", "", "", None)
+    grpo = report.get("grpo", {}).get("summary", {})
+    if "speedup" in grpo:
+        r = grpo["speedup"]
+        add("GRPO completions/s vs TRL GRPOTrainer defaults", f">= {TARGETS['grpo_vs_trl_default']}x", f"{r:.2f}x",
+            r >= TARGETS["grpo_vs_trl_default"])
+        f, t = grpo["ftune"]["peak_rss_mib"], grpo["trl"]["peak_rss_mib"]
+        add("GRPO peak memory vs TRL GRPOTrainer defaults", "<= TRL's", f"{f:,.0f} vs {t:,.0f} MiB", f <= t)
+    else:
+        add("GRPO targets", "", "", None)
+    out += _data_part().targets(report.get("data"), TARGETS)
     merge = report.get("merge", {}).get("parsed")
     if merge:
         f, p = merge["ftune"], merge["peft"]
@@ -96,9 +112,39 @@ def render_markdown(report: dict) -> str:
         *[f"| {t['target']} | {t['goal']} | {t['measured']} | **{t['status']}** |" for t in report["targets"]],
         "",
     ]
-    lines += _sft_section(report) + _dpo_section(report) + _rm_section(report) + _merge_export_section(report) + _startup_section(report) + _gpu_section(report)
+    if report.get("parts_from"):
+        lines[6:6] = [("- parts measured in separate runs, each named under its heading: "
+                       + ", ".join(sorted(report["parts_from"])))]
+    sections = (_sourced(report, "sft", _sft_section(report)) + _sourced(report, "dpo", _dpo_section(report))
+                + _sourced(report, "rm", _rm_section(report)) + _sourced(report, "grpo", _grpo_section(report))
+                + _sourced(report, "data", _data_part().markdown(report.get("data"), baseline=False))
+                + _sourced(report, "data_baseline", _data_part().markdown(report.get("data_baseline"), baseline=True))
+                + _merge_export_section(report) + _startup_section(report) + _gpu_section(report))
+    lines += sections
     lines += _method_section(report)
     return "\n".join(lines) + "\n"
+
+
+def _data_part():
+    """scripts/bench_data.py, which renders its own part (as bench_gpu.py does)."""
+    sys.path.insert(0, str(SCRIPTS))
+    import bench_data
+
+    return bench_data
+
+
+def _sourced(report: dict, part: str, lines: list[str]) -> list[str]:
+    """A section, with the run it came from under its heading when that is not the report's own run."""
+    source = report.get("parts_from", {}).get(part)
+    if not source or not lines:
+        return lines
+    run = f"`{source['command']}`" if source.get("command") else "its command is not recorded"
+    return lines[:2] + [f"From a separate run ({run}; {source.get('started') or 'date unknown'}; figures in `{source['file']}`).", ""] + lines[2:]
+
+
+def _settings(report: dict, part: str) -> dict:
+    """The settings of the run a part was measured in (another run's, for a part added with --add-part)."""
+    return report.get("parts_from", {}).get(part, {}).get("settings") or report["settings"]
 
 
 def _ratio(a: float, b: float) -> str:
@@ -109,7 +155,7 @@ def _sft_section(report: dict) -> list[str]:
     sft = report.get("sft")
     if not sft:
         return ["## SFT", "", "skipped", ""]
-    med, s, model = sft["medians"], report["settings"], report["model"]
+    med, s, model = sft["medians"], _settings(report, "sft"), report["model"]
     f = med["ftune"]
     peak = report["matmul_peak"]["gflops"]
     lines = [
@@ -165,7 +211,7 @@ def _dpo_section(report: dict) -> list[str]:
     if not dpo:
         return ["## DPO", "", "skipped", ""]
     f, d = dpo["medians"]["ftune"], dpo["medians"]["TRL defaults"]
-    s = report["settings"]
+    s = _settings(report, "dpo")
     return [
         "## DPO: preference pairs per second and peak memory",
         "",
@@ -178,10 +224,12 @@ def _dpo_section(report: dict) -> list[str]:
         (f"| TRL defaults | {d['pairs_per_s']:.3f} | {d['pairs_per_s']:.3f} | {_ratio(f['pairs_per_s_with_reference'], d['pairs_per_s'])} "
         f"(steps only: {_ratio(f['pairs_per_s'], d['pairs_per_s'])}) | {d['real_tokens_per_s']:,.1f} | {d['peak_rss_mib']:,.0f} | {d['timed_s']:.1f} |"),
         "",
-        ("Both sides score the reference inside the steps: ftune each pair the first time a step reaches it (the adapter "
-        "switched off, or a frozen copy of the starting adapter), TRL the model with its adapter disabled in every step. "
-        + (f"\"incl. reference\" charges each of ftune's timed pairs its share of a {f['reference_s']:.1f} s reference pass "
-           "outside the steps." if f.get("reference_s") else "")),
+        # Runs measured before ftune moved its reference pass into the steps (reference_s > 0) say what they measured.
+        (f"ftune computed the reference log-probs once, before training ({f['reference_s']:.1f} s for {f.get('reference_pairs', 0):.0f} "
+         "pairs, median); TRL runs the reference forward (the model with its adapter disabled) inside every step. \"incl. "
+         "reference\" charges each of ftune's timed pairs its share of that pass." if f.get("reference_s") else
+         "Both sides score the reference inside the steps: ftune each pair the first time a step reaches it (the adapter "
+         "switched off, or a frozen copy of the starting adapter), TRL the model with its adapter disabled in every step."),
         "",
     ]
 
@@ -191,7 +239,7 @@ def _rm_section(report: dict) -> list[str]:
     if not rm:
         return ["## Reward model", "", "skipped", ""]
     f, d = rm["medians"]["ftune"], rm["medians"]["TRL defaults"]
-    s = report["settings"]
+    s = _settings(report, "rm")
     trl = rm["runs"]["TRL defaults"][0].get("trl_settings", {})
     return [
         "## Reward model: preference pairs per second and peak memory",
@@ -209,6 +257,32 @@ def _rm_section(report: dict) -> list[str]:
           for name, v in (("ftune", f), ("TRL defaults", d))],
         "",
     ]
+
+
+def _grpo_section(report: dict) -> list[str]:
+    grpo = report.get("grpo")
+    if not grpo or "summary" not in grpo:
+        return ["## GRPO", "", "skipped", ""]
+    s, summary = grpo["settings"], grpo["summary"]
+    sides = [side for side in ("ftune", "trl") if side in summary]
+    lines = [
+        "## GRPO: completions per second and peak memory (scripts/bench_grpo.py)",
+        "",
+        (f"The demo model on the shipped arithmetic prompts, {s['prompts']} prompts x {s['generations']} completions per step, "
+         f"completions of at most {s['length']} tokens, the same two rewards (exact answer, answer format) and LoRA on both "
+         f"sides, loss dapo; 1 warm-up + {s['steps']} timed steps per run, medians of {s['repeats']} run(s) per side. TRL: "
+         "`GRPOTrainer` with its GRPOConfig defaults otherwise."),
+        "",
+        "| side | completions/s | ftune is | peak RSS MiB |",
+        "|---|---:|---:|---:|",
+    ]
+    for side in sides:
+        v = summary[side]
+        ratio = "" if side == "ftune" or "ftune" not in summary else _ratio(summary["ftune"]["completions_per_s"], v["completions_per_s"])
+        lines.append(f"| {'ftune' if side == 'ftune' else 'TRL defaults'} | {v['completions_per_s']:.3f} | {ratio} | {v['peak_rss_mib']:,.0f} |")
+    if grpo.get("load"):
+        lines += ["", f"Load average during the runs: {fmt_load(grpo['load'])}."]
+    return lines + [""]
 
 
 def _merge_export_section(report: dict) -> list[str]:
