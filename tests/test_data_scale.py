@@ -288,3 +288,24 @@ def test_trained_tokens_per_sample_are_known_without_reading_labels(tmp_path, to
     expected = np.add.reduceat(labels.astype(np.int64), train.offsets[:-1])
     assert np.array_equal(train.trained_per_sample(), expected) and np.array_equal(plain.trained_per_sample(), expected)
     assert train.trained_tokens() == plain.trained_tokens() == int(expected.sum())
+
+
+def test_the_cache_removes_only_folders_ftune_marked(tmp_path, tokenizer, formatter):
+    import shutil
+
+    write_rows(tmp_path / "train.jsonl", [alpaca(i) for i in range(50)])
+    recipe, cache = recipe_for(tmp_path), tmp_path / "cache"
+    first = prepare_sft(recipe, tokenizer, formatter, base_dir=tmp_path, cache_root=cache)[0]
+    entry = next(p for p in cache.iterdir() if (p / "meta.json").exists())
+    # A user's folders where ftune looks: one named as the entry (with a damaged meta.json), one
+    # named as a dead process's spill. Neither carries ftune's marker, so both must survive.
+    shutil.rmtree(entry)
+    for folder in (entry, cache / ".spill.999999999.abc"):
+        folder.mkdir()
+        (folder / "meta.json").write_text("not json")
+        (folder / "notes.txt").write_text("mine")
+    again = prepare_sft(recipe, tokenizer, formatter, base_dir=tmp_path, cache_root=cache)[0]
+    assert np.array_equal(np.asarray(again.ids), np.asarray(first.ids))
+    for folder in (entry, cache / ".spill.999999999.abc"):
+        assert (folder / "notes.txt").read_text() == "mine" and (folder / "meta.json").read_text() == "not json"
+    assert not [p for p in cache.glob(".spill.*") if p.name != ".spill.999999999.abc"]  # its own spill is gone

@@ -30,6 +30,7 @@ from ftune.data.render_proof import audit_labels, enforce
 from ftune.data.sources import open_source, read_source
 from ftune.errors import FtuneError
 from ftune.lock import pid_alive
+from ftune.ownership import OUTPUT_MARKER, is_output, write_json
 
 if TYPE_CHECKING:
     from ftune.recipe import DataSection, Recipe
@@ -170,6 +171,7 @@ def prepare_sft(recipe: Recipe, tokenizer, formatter: Formatter, *, base_dir: Pa
     if cache_root:
         _remove_dead_spills(cache_root)
         spill = Path(tempfile.mkdtemp(prefix=f".spill.{os.getpid()}.", dir=_made(cache_root)))
+        _mark(spill)
     else:
         spill = Path(tempfile.mkdtemp(prefix="ftune-data-"))
     try:
@@ -182,6 +184,7 @@ def prepare_sft(recipe: Recipe, tokenizer, formatter: Formatter, *, base_dir: Pa
             raise FtuneError("no training sample has a token to learn from after tokenization", hint="check data.max_length and data.too_long")
         target = spill / "arrays"
         target.mkdir()
+        _mark(target)
         train = _write_split(target, "train", built, train_pieces, train_source)
         evaluation = _write_split(target, "eval", built, eval_pieces, None)
         report.audit = audit_labels(formatter, [train.sample(i) for i in range(min(len(train), 2000))])
@@ -205,8 +208,19 @@ def _remove_dead_spills(root: Path) -> None:
     """Spill folders a killed process left in the cache (named .spill.PID.*): ftune's own, removed once PID is gone."""
     for folder in root.glob(".spill.*.*"):
         pid = folder.name.split(".")[2]
-        if pid.isdigit() and not pid_alive(int(pid)) and folder.is_dir() and not folder.is_symlink():
-            shutil.rmtree(folder, ignore_errors=True)
+        if pid.isdigit() and not pid_alive(int(pid)):
+            _remove_own(folder)
+
+
+def _mark(folder: Path) -> None:
+    """Say a cache folder is ftune's (the output marker), so only such a folder is ever removed."""
+    write_json(folder / OUTPUT_MARKER, {"written_by": "ftune", "what": "tokenized data cache"})
+
+
+def _remove_own(folder: Path) -> None:
+    """Remove a cache folder ftune marked (never a link, never one without the marker)."""
+    if folder.is_dir() and not folder.is_symlink() and is_output(folder):
+        shutil.rmtree(folder, ignore_errors=True)
 
     return True
 
@@ -364,5 +378,5 @@ def _read_cache(folder: Path):
         report = DataReport(**saved)
         return sets[0], sets[1], report
     except (OSError, ValueError, KeyError, TypeError, IndexError):
-        shutil.rmtree(folder, ignore_errors=True)  # ftune's own cache entry, damaged: rebuilt
+        _remove_own(folder)  # ftune's own cache entry, damaged: rebuilt
         return None
