@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,8 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from bench import medians  # the one median-per-figure rule of make bench
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -273,7 +274,7 @@ def bench_prep(sizes: list[int], model_dir: Path, tmp: Path, rows_dir: Path, arg
                     f"(main {result['main_peak_rss_mib']:,.0f}, {result['processes']} processes), {result['samples']:,} samples, "
                     f"{result['tokens']:,} tokens in {result['packed_rows']:,} rows")
                 _remove_caches(folder, keep_ftune=side == "ftune" and repeat == 0 and rows == max(sizes) and not args.no_training)
-        out[str(rows)] = {"rows": rows, "runs": runs, "medians": _medians(runs)}
+        out[str(rows)] = {"rows": rows, "runs": runs, "medians": medians(runs)}
     return out
 
 
@@ -299,9 +300,9 @@ def bench_training(large: int, small: int, model_dir: Path, tmp: Path, rows_dir:
             result["inspect_s"] = build_s  # building the cache, or reading it when the preparation part built it
             runs[str(rows)].append(result)
             say(f"  train {rows:,} rows (cached), #{repeat + 1}: peak RSS {result['peak_rss_mib']:,.0f} MiB, {result['wall_s']:.1f} s")
-    medians = _medians(runs)
+    middle = medians(runs)
     return {"small": small, "large": large, "steps": args.train_steps, "batch_size": args.train_batch_size, "runs": runs,
-            "medians": medians, "ratio": medians[str(large)]["peak_rss_mib"] / medians[str(small)]["peak_rss_mib"]}
+            "medians": middle, "ratio": middle[str(large)]["peak_rss_mib"] / middle[str(small)]["peak_rss_mib"]}
 
 
 def _remove_caches(folder: Path, *, keep_ftune: bool = False) -> None:
@@ -311,14 +312,6 @@ def _remove_caches(folder: Path, *, keep_ftune: bool = False) -> None:
     for name in ("hf-datasets", "trl-out") if keep_ftune else ("ftune-cache", "hf-datasets", "trl-out"):
         if (folder / name).is_dir() and folder.name.startswith("prep-"):
             shutil.rmtree(folder / name)
-
-
-def _medians(runs: dict[str, list[dict]]) -> dict[str, dict]:
-    out = {}
-    for name, results in runs.items():
-        keys = [k for k, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        out[name] = {k: statistics.median(r[k] for r in results) for k in keys}
-    return out
 
 
 def summary(report: dict) -> dict:
