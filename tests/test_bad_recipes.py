@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
-from test_bad_inputs import GOOD_ROWS, PAIRS, invoke, refused, snapshot, write_jsonl
+from helpers import GOOD_ROWS, PAIRS, invoke, refused, snapshot, write_jsonl
 
 from ftune import recipe as recipes
 

@@ -7,7 +7,7 @@ import pickle
 from pathlib import Path
 
 import pytest
-from test_bad_inputs import assert_refused, invoke, refused, snapshot
+from helpers import assert_refused, invoke, refused, snapshot
 
 from ftune.data import curation
 from ftune.data.curation import (

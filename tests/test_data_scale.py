@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_bad_inputs import invoke
+from helpers import invoke
 from test_data import recipe_for, write_rows
-from test_resume import adapter, kill_9_after_checkpoint, start
+from helpers import adapter, kill_9_after_checkpoint, start
 
 from ftune.data import build, mixture
 from ftune.data.pipeline import prepare_sft

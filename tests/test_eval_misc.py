@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from ftune.stages import sft
-from tests.test_bad_inputs import invoke, snapshot
+from helpers import invoke, snapshot
 from tests.test_sft import make_recipe
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 import pytest
-from test_bad_inputs import refused, write_jsonl
+from helpers import refused, write_jsonl
 from typer.testing import CliRunner
 
 from ftune.cli import app

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from ftune.rl import losses, rewards
-from test_bad_inputs import invoke, snapshot
-from test_resume import kill_9_after_checkpoint
+from helpers import invoke, snapshot
+from helpers import kill_9_after_checkpoint
 
 PROMPTS = [{"prompt": f"What is {a} plus {b}?", "answer": a + b} for a in range(1, 7) for b in range(1, 5)]
 # A verifiable toy task a random tiny model can learn in a few steps: the share of vowels in the completion.

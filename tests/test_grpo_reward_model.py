@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ftune import reward
-from test_bad_inputs import assert_refused, invoke, snapshot, write_jsonl
+from helpers import assert_refused, invoke, snapshot, write_jsonl
 from test_grpo import write_recipe
 from test_rm import rm_run  # noqa: F401  (the fixture: one small reward model on the tiny model)
 

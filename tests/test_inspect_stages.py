@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from ftune.data.chat import IGNORE
 from ftune.inspect import inspect_recipe
-from test_bad_inputs import assert_refused, invoke, snapshot, write_jsonl
+from helpers import assert_refused, invoke, snapshot, write_jsonl
 from test_grpo import PROMPTS, write_recipe
 from test_rm import rm_recipe
 

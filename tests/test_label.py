@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from terminal import Terminal
-from test_bad_inputs import invoke
+from helpers import invoke
 
 from ftune.label.session import SESSION_FILE
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from ftune import steps
 from ftune.recipe import parse_recipe
 from ftune.stages import dpo, sft
-from tests.test_bad_inputs import invoke, snapshot, write_jsonl
+from helpers import invoke, snapshot, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = [{"messages": [{"role": "user", "content": f"What is the code word {i}?"}, {"role": "assistant", "content": "The code word is pineapple."}]}

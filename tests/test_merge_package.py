@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_bad_inputs import invoke, snapshot
+from helpers import invoke, snapshot
 from test_merge import PROMPTS, make_run
 
 from ftune.errors import FtuneError

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ftune import runs
-from test_bad_inputs import GOOD_ROWS, PAIRS, assert_refused, invoke, recipe_text, setup, sft_run_dir, snapshot, write_jsonl
+from helpers import GOOD_ROWS, PAIRS, assert_refused, invoke, recipe_text, setup, sft_run_dir, snapshot, write_jsonl
 
 
 def with_output(text: str, directory: str) -> str:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_bad_inputs import invoke, snapshot
-from test_resume import adapter as saved_adapter
-from test_resume import kill_9_after_checkpoint, start
+from helpers import invoke, snapshot
+from helpers import adapter as saved_adapter
+from helpers import kill_9_after_checkpoint, start
 
 from ftune.stages import sft
 

@@ -7,14 +7,12 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import adapter, kill_9_after_checkpoint, start
 
 SFT_ROWS = [
     {"messages": [{"role": "user", "content": f"What is the code word {i}?"}, {"role": "assistant", "content": "The code word is pineapple."}]}
@@ -38,53 +36,6 @@ def write_recipe(folder: Path, model: Path, stage: str) -> Path:
         "output: {dir: run}\n"
     )
     return path
-
-
-# ftune with its checkpoint writer wrapped: once checkpoint `pause_at` is on disk the process
-# touches `marker` and sleeps, so a SIGKILL lands between two steps however fast the steps run
-# (on an idle machine a tiny run can finish before a poller sees a given checkpoint).
-_PAUSING = """
-import sys, time
-from pathlib import Path
-from ftune import checkpoints
-from ftune.cli import main
-pause_at, marker = int(sys.argv.pop(1)), Path(sys.argv.pop(1))
-save = checkpoints.save_checkpoint
-def save_then_pause(run_dir, step, *args, **kwargs):
-    path = save(run_dir, step, *args, **kwargs)
-    if step == pause_at:
-        marker.touch()
-        time.sleep(3600)
-    return path
-checkpoints.save_checkpoint = save_then_pause
-sys.argv[0] = "ftune"
-main()
-"""
-
-
-def start(stage: str, recipe: Path, *extra: str, pause_at: int | None = None, marker: Path | None = None) -> subprocess.Popen:
-    env = {**os.environ, "FTUNE_NO_PROGRESS": "1"}
-    launcher = ["-m", "ftune"] if pause_at is None else ["-c", _PAUSING, str(pause_at), str(marker)]
-    return subprocess.Popen([sys.executable, *launcher, stage, str(recipe), *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def kill_9_after_checkpoint(stage: str, recipe: Path, step: int, timeout: float = 600) -> None:
-    """Run `ftune STAGE RECIPE` until checkpoint `step` is written, then SIGKILL it: no handler, no goodbye."""
-    marker = recipe.parent / f"paused-at-{step}"
-    victim = start(stage, recipe, pause_at=step, marker=marker)
-    deadline = time.time() + timeout
-    while not marker.exists():
-        assert victim.poll() is None, victim.communicate()[0][-3000:]
-        assert time.time() < deadline, f"no checkpoint {step} in time"
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=60)
-    marker.unlink()
-
-
-def adapter(run_dir: Path) -> dict:
-    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])

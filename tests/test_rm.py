@@ -17,8 +17,8 @@ import torch
 from ftune import reward
 from ftune.data.chat import IGNORE
 from ftune.data.packing import Encoded
-from test_bad_inputs import invoke, snapshot, write_jsonl
-from test_resume import adapter, kill_9_after_checkpoint, start
+from helpers import invoke, snapshot, write_jsonl
+from helpers import adapter, kill_9_after_checkpoint, start
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = [{"prompt": f"Reply to message {i}.", "chosen": f"Thank you kindly for message {i}!", "rejected": f"Go away, message {i}."}

@@ -304,7 +304,7 @@ def test_templates_that_ignore_tools_are_refused(templates_dir, demo_tokenizer_d
 
 def test_the_inspect_command_runs_the_proof_on_a_real_template_file(templates_dir, tiny_model_dir, tmp_path):
     # Through the CLI: a recipe naming llama.cpp's Qwen3 template file, multi-turn data with reasoning.
-    from tests.test_bad_inputs import snapshot
+    from helpers import snapshot
     from typer.testing import CliRunner
 
     from ftune.cli import app

@@ -11,7 +11,7 @@ import pytest
 
 from ftune.data.chat import IGNORE, make_formatter
 from ftune.data.formats import BadRow, convert
-from tests.test_bad_inputs import invoke, snapshot, write_jsonl
+from helpers import invoke, snapshot, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS_TEMPLATE = ROOT / "recipes" / "demo" / "tools.jinja"

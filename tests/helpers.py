@@ -1,0 +1,169 @@
+"""What the tests share: running ftune through its real entry point, snapshots of the disk,
+the checks every refusal must pass, small recipes and data, and runs killed at a checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ftune import cli
+
+GOOD_ROWS = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(8)]
+
+
+def write_jsonl(path: Path, rows) -> None:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def recipe_text(model, data: str = "data.jsonl", *, stage: str = "sft", extra: str = "", fmt: str = "") -> str:
+    source = f"{{path: {data}{', format: ' + fmt if fmt else ''}}}"
+    text = (f"stage: {stage}\nbase_model: {{name: {model}}}\ndata:\n  train: [{source}]\n  eval_fraction: 0.25\n  max_length: 64\n"
+            f"training: {{max_steps: 1, batch_size: 2}}\n{extra}output: {{dir: run}}\n")
+    if stage == "dpo" and "preference:" not in extra:
+        text += "preference: {method: dpo}\n"
+    return text
+
+
+def setup(tmp: Path, model: Path, *, rows=GOOD_ROWS, text: str | None = None, **kw) -> list[str]:
+    if rows is not None:
+        write_jsonl(tmp / "data.jsonl", rows)
+    (tmp / "recipe.yaml").write_text(text if text is not None else recipe_text(model, **kw))
+    return ["sft" if "stage: dpo" not in (tmp / "recipe.yaml").read_text() else "dpo", str(tmp / "recipe.yaml")]
+
+
+def bin_only_model(tmp: Path, model: Path) -> Path:
+    """A model directory whose weights exist only as a pickle-based .bin file."""
+    import shutil
+
+    target = tmp / "pickled"
+    shutil.copytree(model, target)
+    (target / "model.safetensors").unlink()
+    (target / "pytorch_model.bin").write_bytes(b"not loaded: ftune refuses pickle files")
+    return target
+
+
+def sft_run_dir(tmp: Path, *, status: str, base: str) -> Path:
+    run = tmp / "sft-run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"status": status, "base_model": {"name": base, "path": base}}))
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    return run
+
+
+PAIRS = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no"} for i in range(8)]
+
+def with_file(tmp: Path, name: str, content: bytes, argv: list[str]) -> list[str]:
+    """Replace a data file after `setup` wrote the recipe (for content `setup` cannot express)."""
+    (tmp / name).write_bytes(content)
+    return argv
+
+
+def empty_dir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def silent_template_model(tmp: Path, model: Path) -> Path:
+    import shutil
+
+    target = tmp / "silent"
+    shutil.copytree(model, target)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    (target / "chat_template.jinja").unlink(missing_ok=True)
+    return target
+
+
+def snapshot(root: Path) -> list:
+    """Names, sizes, times and contents of everything under root (links as links: they may be broken)."""
+    def content(path: Path) -> str:
+        if path.is_symlink():
+            return "-> " + os.readlink(path)
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+
+    return sorted((str(p.relative_to(root)), p.lstat().st_size, p.lstat().st_mtime_ns, content(p)) for p in root.rglob("*"))
+
+
+def invoke(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """The real entry point, in-process: what a user sees on the terminal and the exit code."""
+    monkeypatch.setattr(sys, "argv", ["ftune", *map(str, argv)])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    captured = capsys.readouterr()
+    return info.value.code or 0, captured.out + captured.err
+
+
+def assert_refused(code, output: str, needles: list[str]) -> None:
+    """A clear refusal: a non-zero exit, an error line holding every needle, no traceback."""
+    assert code not in (0, None), output
+    assert "error: " in output, output
+    for needle in needles:
+        assert needle in output, f"{needle!r} not in:\n{output}"
+    assert "Traceback" not in output
+
+
+def refused(argv: list[str], needles: list[str], root: Path, monkeypatch, capsys) -> str:
+    """Run the command, assert it is refused clearly, and that every file under root is as it was."""
+    before = snapshot(root)
+    code, output = invoke(argv, monkeypatch, capsys)
+    assert_refused(code, output, needles)
+    assert snapshot(root) == before, "a failed command must leave the disk as it was"
+    return output
+
+
+# ftune with its checkpoint writer wrapped: once checkpoint `pause_at` is on disk the process
+# touches `marker` and sleeps, so a SIGKILL lands between two steps however fast the steps run
+# (on an idle machine a tiny run can finish before a poller sees a given checkpoint).
+_PAUSING = """
+import sys, time
+from pathlib import Path
+from ftune import checkpoints
+from ftune.cli import main
+pause_at, marker = int(sys.argv.pop(1)), Path(sys.argv.pop(1))
+save = checkpoints.save_checkpoint
+def save_then_pause(run_dir, step, *args, **kwargs):
+    path = save(run_dir, step, *args, **kwargs)
+    if step == pause_at:
+        marker.touch()
+        time.sleep(3600)
+    return path
+checkpoints.save_checkpoint = save_then_pause
+sys.argv[0] = "ftune"
+main()
+"""
+
+
+def start(stage: str, recipe: Path, *extra: str, pause_at: int | None = None, marker: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "FTUNE_NO_PROGRESS": "1"}
+    launcher = ["-m", "ftune"] if pause_at is None else ["-c", _PAUSING, str(pause_at), str(marker)]
+    return subprocess.Popen([sys.executable, *launcher, stage, str(recipe), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_9_after_checkpoint(stage: str, recipe: Path, step: int, timeout: float = 600) -> None:
+    """Run `ftune STAGE RECIPE` until checkpoint `step` is written, then SIGKILL it: no handler, no goodbye."""
+    marker = recipe.parent / f"paused-at-{step}"
+    victim = start(stage, recipe, pause_at=step, marker=marker)
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert victim.poll() is None, victim.communicate()[0][-3000:]
+        assert time.time() < deadline, f"no checkpoint {step} in time"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    marker.unlink()
+
+
+def adapter(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
