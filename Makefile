@@ -42,6 +42,7 @@ test-fast: install  ## the tests that take seconds (tiny models only)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: install  ## throughput and memory against TRL, merge and export (writes BENCHMARKS.md)
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python scripts/bench.py
 
 clean:  ## remove the virtual environment and local runs

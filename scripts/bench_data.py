@@ -49,7 +49,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import medians  # the one median-per-figure rule of make bench
+from bench_common import medians  # the one median-per-figure rule of make bench
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"

@@ -111,7 +111,7 @@ def write_recipe(path: Path, model_dir: Path, data: Path, out: Path, *, dtype: s
 def run(tmp: Path, *, tiny: bool = False) -> dict:
     """Both GPU measurements; each training run in its own process (bench_ftune.py)."""
     sys.path.insert(0, str(SCRIPTS))
-    import bench
+    import bench_common as bench
 
     tmp.mkdir(parents=True, exist_ok=True)
     device, dtype = ("cpu", "float32") if tiny else ("cuda", "bfloat16")
