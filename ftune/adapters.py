@@ -103,6 +103,7 @@ def attach(model, adapter: AdapterSection, model_path: str, *, task_type: str = 
     reward model's, whose score head peft then trains in full and saves with the adapter (reward.py)."""
     from peft import get_peft_model
 
+    check_rank(model, adapter)
     try:
         config = peft_config(adapter, model_path)
         config.task_type = task_type
@@ -117,6 +118,20 @@ def attach(model, adapter: AdapterSection, model_path: str, *, task_type: str = 
                              hint="name the feed-forward layers of this architecture among adapter.target_modules, "
                                   "e.g. feedforward_modules: [down_proj]") from None
         raise FtuneError(f"adapter.target_modules: {text}") from None
+
+
+def check_rank(model, adapter: AdapterSection) -> None:
+    """Refuse a rank above the model's hidden size before peft allocates it: an update's rank is at most the
+    smaller side of the layer it adapts (never above the hidden size), so a larger r only allocates r x hidden
+    numbers per adapted layer (r: 65536 is gigabytes) and adds nothing."""
+    from ftune.recipe.sections import ADAPTER_FIELDS
+
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None)
+    if adapter.method in ADAPTER_FIELDS["r"] and isinstance(hidden, int) and adapter.r > hidden:
+        raise FtuneError(f"adapter.r: {adapter.r} is above the model's hidden size ({hidden}); no layer's update can have a "
+                         "higher rank, so the rest would only take memory", hint=f"set adapter.r to {hidden} or less (8 to 64 is usual)")
 
 
 def load(model, adapter_dir, *, is_trainable: bool = False):

@@ -11,14 +11,13 @@ TextIteratorStreamer fed by `generate` in a thread, llama.cpp through its own st
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftune import models
+from ftune import bounds, models, run_checks, signals, textio
 from ftune.errors import FtuneError
 from ftune.recipe import CHAT_TEMPLATE_NAMES
 from ftune.runs import RUN_FILE, read_run
@@ -60,8 +59,12 @@ def resolve(spec: str, *, base_dir: Path | None = None, trust_remote_code: bool 
     if path.is_dir() and (path / RUN_FILE).is_file():
         return _resolve_run(spec, path, trust_remote_code)
     if path.is_dir() and (path / "adapter_config.json").is_file():
-        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-        name = config.get("base_model_name_or_path")
+        run_checks.check_adapter(path)  # its config an object, its weights safetensors
+        config = textio.load_file(path / "adapter_config.json", "adapter config")
+        if isinstance(config, dict) and config.get("task_type") == "SEQ_CLS":
+            raise FtuneError(f"{path} is a reward-model adapter (peft task SEQ_CLS); this command needs a model that "
+                             "writes answers", hint=run_checks.USES["generate"].hint)
+        name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
         if not name:
             raise FtuneError("adapter_config.json does not name its base model (base_model_name_or_path)", place=str(path))
         base = Path(models.resolve_model_path(name, revision=config.get("revision")))
@@ -72,7 +75,7 @@ def resolve(spec: str, *, base_dir: Path | None = None, trust_remote_code: bool 
 
 
 def _resolve_run(spec: str, run_dir: Path, trust_remote_code: bool) -> Target:
-    run = read_run(run_dir)
+    run = read_run(run_dir, expect="generate")
     recipe = run.recipe()  # the chat format it trained with (its trust_remote_code is not read)
     chat_template = recipe.data.chat_template if recipe else "auto"
     if chat_template not in CHAT_TEMPLATE_NAMES:
@@ -122,6 +125,7 @@ class HFModel:
                 return torch.full((input_ids.shape[0],), halt.is_set(), dtype=torch.bool, device=input_ids.device)
 
         config = self.generation_config(sampling)
+        config.max_new_tokens = bounds.new_tokens(self.model, config.max_new_tokens, inputs["input_ids"].shape[1])
         failure: list[BaseException] = []
 
         def generate() -> None:
@@ -269,7 +273,7 @@ def answer_prompts(model, prompts: list[str], sampling: Sampling, *, system: str
     for i, prompt in enumerate(prompts):
         text = answer(model, _conversation(system, [{"role": "user", "content": prompt}]), sampling)
         if as_json:
-            write(json.dumps({"prompt": prompt, "answer": text}, ensure_ascii=False) + "\n")
+            write(textio.dumps({"prompt": prompt, "answer": text}, ensure_ascii=False) + "\n")
         else:
             write(("\n" if i else "") + text + "\n")
 
@@ -285,8 +289,10 @@ def interactive(model, sampling: Sampling, *, system: str | None = None, read: C
     while True:
         try:
             line = read("you> ")
-        except (EOFError, KeyboardInterrupt):
+        except (EOFError, KeyboardInterrupt) as exc:
             write("\n")
+            if signals.is_sigterm(exc):  # Ctrl-C or Ctrl-D leaves the chat; SIGTERM stops the command
+                raise
             return
         command = line.strip()
         if not command:
@@ -312,7 +318,10 @@ def interactive(model, sampling: Sampling, *, system: str | None = None, read: C
             for piece in model.stream(_conversation(system, history), sampling):
                 pieces.append(piece)
                 write(piece)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            if signals.is_sigterm(exc):  # Ctrl-C stops one answer; SIGTERM stops the command
+                write("\n")
+                raise
             write(" [stopped]")
         write("\n")
         history.append({"role": "assistant", "content": "".join(pieces).strip()})
@@ -334,23 +343,20 @@ def read_prompts(path: Path) -> list[str]:
 
 def read_prompt_lines(path: Path) -> list[tuple[int, str]]:
     """(line number, prompt) for each prompt of a file, so later errors can name the line."""
-    if not path.is_file():
-        raise FtuneError(f"prompts file {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise FtuneError(f"invalid UTF-8 at byte {exc.start}", place=f"{path} line {line}") from None
     prompts = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # The one line reader (textio): lines end at "\n" only, so a U+2028 or form feed inside a
+    # prompt keeps it whole and every later line number right; binary and huge lines are refused.
+    for number, line in textio.text_lines(path, "prompts file"):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
             try:
-                prompt = json.loads(line)["prompt"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise FtuneError("expected a JSON object with a 'prompt' field", place=f"{path} line {number}") from None
+                data = textio.loads(line, f"{path} line {number}")
+            except FtuneError as exc:
+                raise FtuneError(f"expected a JSON object with a 'prompt' field: {exc.message}", place=exc.place) from None
+            if not isinstance(data, dict) or "prompt" not in data:
+                raise FtuneError("expected a JSON object with a 'prompt' field", place=f"{path} line {number}")
+            prompt = data["prompt"]
             if not isinstance(prompt, str) or not prompt.strip():
                 raise FtuneError(f"'prompt' must be a non-empty string, not {prompt!r:.80}", place=f"{path} line {number}")
             prompts.append((number, prompt))

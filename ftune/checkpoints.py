@@ -8,7 +8,6 @@ the main one writes the checkpoint and every other adds its own RNG and stage st
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ftune import textio
 from ftune.errors import FtuneError
 from ftune.runs import CHECKPOINTS_DIR, atomic_dir, atomic_file
 
@@ -56,7 +56,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, posit
 def _write_checkpoint(final: Path, step: int, model, optimizer, scheduler, position: dict, stage_state: dict) -> None:
     from safetensors.torch import save_file
 
-    with atomic_dir(final, overwrite=True) as tmp:
+    with atomic_dir(final, kind="checkpoint", overwrite=True) as tmp:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         tensors, layout = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, tmp / "optimizer.safetensors")
@@ -74,36 +74,89 @@ def _write_checkpoint(final: Path, step: int, model, optimizer, scheduler, posit
             "python_random": _jsonable(random.getstate()),
             "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         }
-        (tmp / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+        (tmp / STATE_FILE).write_text(textio.dumps(state), encoding="utf-8")
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
     """Restore weights, optimizer, scheduler and RNGs; return the saved state (step, position,
-    and this process's `stage_state`, empty when the checkpoint has none)."""
-    from safetensors.torch import load_file
+    and this process's `stage_state`, empty when the checkpoint has none).
 
-    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    weights = load_file(path / "trainable.safetensors")
+    A checkpoint is read back, not trusted: state.json's fields are checked for their types
+    and every file that cannot be restored is refused by name (a damaged checkpoint is the
+    user's to move aside: resuming from a wrong state would train on silently)."""
+    state = read_state(path)
+    weights = _load(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
         raise FtuneError(f"checkpoint {path} does not fit this model (e.g. {missing[0]})", hint="resume with the recipe that made it")
+    wrong = [n for n, v in weights.items() if tuple(v.shape) != tuple(params[n].shape)]
+    if wrong:
+        raise FtuneError(f"checkpoint {path} does not fit this model ({wrong[0]} has shape {tuple(weights[wrong[0]].shape)})",
+                         hint="resume with the recipe that made it")
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer_layout"]))
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(_load(path / "optimizer.safetensors"), state["optimizer_layout"]))
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:  # what a damaged state makes torch raise
+        raise FtuneError(f"the optimizer or scheduler state does not restore ({type(exc).__name__}: {str(exc)[:160]})",
+                         place=str(path / STATE_FILE), hint=DAMAGED) from None
     own = path / f"rng-rank{rank}.safetensors"
-    rng = load_file(own if rank and own.is_file() else path / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and "cuda0" in rng:
-        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
-    random.setstate(_tupled(state["python_random"]))
-    kind, keys, *rest = state["numpy_random"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    rng = _load(own if rank and own.is_file() else path / "rng.safetensors")
+    try:
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and "cuda0" in rng:
+            torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+        random.setstate(_tupled(state["python_random"]))
+        kind, keys, *rest = state["numpy_random"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise FtuneError(f"the random-number state does not restore ({type(exc).__name__}: {str(exc)[:160]})",
+                         place=str(path), hint=DAMAGED) from None
     stage_file = path / f"stage-rank{rank}.safetensors"
-    state["stage_state"] = load_file(stage_file) if stage_file.is_file() else {}
+    state["stage_state"] = _load(stage_file) if stage_file.is_file() else {}
     return state
+
+
+DAMAGED = "the checkpoint is damaged: move that step-* folder aside to resume from an earlier one, or start again"
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json, every field checked for the type `_write_checkpoint` gave it."""
+    file = path / STATE_FILE
+    state = textio.load_file(file, "checkpoint state")
+    expected = {"step": int, "position": dict, "optimizer_layout": dict, "scheduler": dict,
+                "python_random": list, "numpy_random": list}
+    if not isinstance(state, dict):
+        raise FtuneError(f"a checkpoint state is a JSON object, not {type(state).__name__}", place=str(file), hint=DAMAGED)
+    for key, kind in expected.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            got = "missing" if key not in state else f"a {type(value).__name__}"
+            raise FtuneError(f"field '{key}' must be a {kind.__name__}, not {got}", place=str(file), hint=DAMAGED)
+    if state["step"] < 0:
+        raise FtuneError(f"field 'step' must not be negative, not {state['step']}", place=str(file), hint=DAMAGED)
+    layout = state["optimizer_layout"]
+    if not isinstance(layout.get("param_groups"), list) or not isinstance(layout.get("scalars"), dict):
+        raise FtuneError("field 'optimizer_layout' must hold 'param_groups' (a list) and 'scalars' (an object)",
+                         place=str(file), hint=DAMAGED)
+    if len(state["numpy_random"]) != 5 or not isinstance(state["numpy_random"][1], list):
+        raise FtuneError("field 'numpy_random' must be numpy's 5-part random state", place=str(file), hint=DAMAGED)
+    return state
+
+
+def _load(file: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; a missing, truncated or corrupted one is refused by name."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except FileNotFoundError:
+        raise FtuneError("a checkpoint file is missing", place=str(file), hint=DAMAGED) from None
+    except Exception as exc:  # safetensors raises its own error type (and OSError, ValueError) for a damaged file
+        raise FtuneError(f"unreadable checkpoint file ({str(exc)[:160]})", place=str(file), hint=DAMAGED) from None
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -12,8 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ftune import cli_models
-from ftune.cli_options import RecipeArg, SetOpt, fail
+from ftune import cli_models, signals, textio
+from ftune.cli_options import RecipeArg, SetOpt, fail, say_error
 from ftune.errors import FtuneError
 
 app = typer.Typer(
@@ -201,8 +201,6 @@ def inspect(
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON instead of the report.")] = False,
 ) -> None:
     """See what training will see: rows, skipped rows, token lengths, loss share, packing, steps, memory."""
-    import json
-
     from rich.console import Console
 
     from ftune.inspect import inspect_recipe, print_inspection
@@ -212,7 +210,7 @@ def inspect(
     except FtuneError as exc:
         fail(exc)
     if json_:
-        typer.echo(json.dumps(result.numbers(), indent=2))
+        typer.echo(textio.dumps(result.numbers(), indent=2))
     else:
         print_inspection(result, Console(), samples=samples, gpu_gib=gpu_memory)
 
@@ -257,21 +255,31 @@ cli_models.register(app)
 
 def main() -> None:
     """Entry point: user-caused failures become one clear message and a non-zero exit."""
-    import errno
+    from ftune.oserrors import as_ftune_error
 
     try:
-        app()
+        with signals.policy():  # SIGTERM stops every command as Ctrl-C does, every cleanup included
+            app()
+    except SystemExit as exc:
+        stop = signals.unexplained(exc)
+        if stop is not None:  # typer ends a stop with a silent exit 130: say what stopped and what was kept
+            typer.echo(signals.message(stop, sys.argv[1:]), err=True)
+        raise
     except FtuneError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        say_error(exc)
         sys.exit(exc.exit_code)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        # A read-only or full disk, a file where a folder goes, an unusable FTUNE_CACHE, raised anywhere
+        # in a command (click re-raises every OSError but a broken pipe): one line naming the path.
+        error = as_ftune_error(exc)
+        if error is None:
             raise
-        where = f" while writing {exc.filename}" if exc.filename else ""
-        typer.echo(f"error: {exc.strerror or 'no space left on device'}{where}; nothing was replaced: "
-                   "finished artifacts are renamed into place only when complete\n  hint: free some space and run the same command again "
-                   "(an interrupted training run resumes from its last checkpoint)", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        say_error(error)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt as stop:
+        typer.echo(signals.message(stop, sys.argv[1:]), err=True)
+        sys.exit(signals.EXIT_CODE)
+    finally:  # the user's code (reward functions, judges) ran in workers: none outlives the command
+        from ftune import usercode
+
+        usercode.close_all()

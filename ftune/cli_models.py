@@ -53,7 +53,7 @@ def eval_(
             models, recipe_path=recipe, overrides=set_ or [], data=data, max_length=max_length, max_samples=max_samples,
             prompts=questions, sampling=Sampling(max_new_tokens, temperature, top_p, seed),
             lm_eval_tasks=tasks, lm_eval_include=list(lm_eval_include or []), lm_eval_limit=lm_eval_limit,
-            trust_remote_code=trust_remote_code, out=out, say=lambda text: typer.echo(text, err=True),
+            trust_remote_code=trust_remote_code, out=out, prompts_file=prompts, say=lambda text: typer.echo(text, err=True),
         )
     except FtuneError as exc:
         fail(exc)
@@ -102,6 +102,7 @@ def label(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Prompt k is sampled with seed SEED+k (default 0).", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the session in --out (found automatically too).")] = False,
     judge: Annotated[Optional[str], typer.Option("--judge", help="Label with a function: path.py:function(prompt, answers) returning a label per answer or the best's index.", show_default=False)] = None,
+    judge_timeout: Annotated[Optional[float], typer.Option("--judge-timeout", help="Most seconds one --judge call may take (default 60); a slower one is stopped and stops the command, naming the prompt's line.", show_default=False)] = None,
     decisions: Annotated[Optional[Path], typer.Option("--decisions", help="Apply decisions from a JSON (lines) file: {line or prompt, labels | best | skip, notes}.", show_default=False)] = None,
     generate_only: Annotated[bool, typer.Option("--generate-only", help="Sample and store every prompt's answers, decide nothing (for --decisions made elsewhere).")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code shipped with the model (never taken from a run directory's files).")] = False,
@@ -112,7 +113,7 @@ def label(
     options = {"n": n, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     try:
         labelling.run(model, prompts=prompts, out=out, options=options, resume=resume, judge=judge, decisions=decisions,
-                      generate_only=generate_only, trust_remote_code=trust_remote_code)
+                      generate_only=generate_only, trust_remote_code=trust_remote_code, judge_timeout=judge_timeout)
     except FtuneError as exc:
         fail(exc)
 
@@ -133,6 +134,9 @@ def score(
     except FtuneError as exc:
         fail(exc)
     figures = [f"{summary['rows']} rows"]
+    if summary["not_finite"]:
+        figures.append(f"{summary['not_finite']} not scored: the model gave NaN or infinity (written as null; "
+                       f"first: {summary['first_not_finite']})")
     if summary["pairs"]:
         figures.append(f"{summary['pairs']} pairs: pairwise accuracy {summary['pairwise_accuracy']:.1%}, mean margin {summary['mean_margin']:+.3f}")
     if summary["mean_reward"] is not None:

@@ -19,11 +19,11 @@ order), `removed.jsonl` (one line per removed row: place, reason, duplicate_of) 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ftune import textio
 from ftune.data.conversation import source_tools
 from ftune.data.curation import (
     Deduper,
@@ -100,12 +100,12 @@ def curate(recipe_path: Path, overrides: list[str] = (), *, out: Path | None = N
     out = Path(out) if out is not None else default_out(recipe_path)
     inputs = [("the recipe", recipe_path)] + [("a data file", local) for local in _local_files(recipe.data, base_dir)]
     if not dry_run:
-        check_target(out, overwrite=overwrite, inputs=inputs, option="--out")  # before any work: a refusal costs nothing
+        check_target(out, kind="curated-data", overwrite=overwrite, inputs=inputs, option="--out")  # before any work: a refusal costs nothing
     formatter = _formatter(recipe, base_dir) if rules.lengths else None
     result = Curation(recipe_path, out, dry_run, rules)
     deduper = Deduper(rules)
     places: list[str] = []  # of the kept rows, in the order the deduper saw them
-    writing = contextlib.nullcontext(None) if dry_run else atomic_dir(out, overwrite=overwrite, inputs=inputs, option="--out")
+    writing = contextlib.nullcontext(None) if dry_run else atomic_dir(out, kind="curated-data", overwrite=overwrite, inputs=inputs, option="--out")
     with writing as tmp:
         names: set[str] = {Path(REMOVED_FILE).stem, Path(REPORT_FILE).stem}
         for split in ("train", "eval"):
@@ -116,13 +116,13 @@ def curate(recipe_path: Path, overrides: list[str] = (), *, out: Path | None = N
                 if tmp is not None:
                     with open(tmp / report.file, "w", encoding="utf-8") as handle:
                         for row in kept:
-                            handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                            handle.write(textio.dumps(row, ensure_ascii=False, default=str) + "\n")
         if tmp is not None:
             with open(tmp / REMOVED_FILE, "w", encoding="utf-8") as handle:
                 for removal in result.removals:
-                    handle.write(json.dumps(removal.as_dict(), ensure_ascii=False) + "\n")
+                    handle.write(textio.dumps(removal.as_dict(), ensure_ascii=False) + "\n")
             with open(tmp / REPORT_FILE, "w", encoding="utf-8") as handle:
-                json.dump(result.report(), handle, indent=2, ensure_ascii=False)
+                textio.dump(result.report(), handle, indent=2, ensure_ascii=False)
                 handle.write("\n")
     return result
 

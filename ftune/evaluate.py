@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ftune import chat, models
+from ftune import chat, models, textio
 from ftune.data.chat import IGNORE
 from ftune.data.packing import Encoded, collate
 from ftune.errors import FtuneError
 from ftune.lm_eval_tasks import LmEvalTasks
 from ftune.recipe import Recipe, load_recipe
-from ftune.runs import RECIPE_FILE, package_versions, read_run, write_json
+from ftune.file_targets import check_file_target
+from ftune.runs import RECIPE_FILE, package_versions, read_json_object, read_run, recipe_inputs, write_json
 
 GREEDY = chat.Sampling(max_new_tokens=64, temperature=0.0)
 
@@ -44,6 +46,7 @@ def run_eval(
     lm_eval_limit: int | None = None,
     trust_remote_code: bool = False,
     out: Path | None = None,
+    prompts_file: Path | None = None,
     say: Callable[[str], None] = print,
 ) -> dict:
     """Score every model in `specs`; returns (and writes to `out`) the results as a dict.
@@ -59,6 +62,12 @@ def run_eval(
     for option, value in (("--max-samples", max_samples), ("--lm-eval-limit", lm_eval_limit), ("--max-length", max_length)):
         if value is not None and value < 1:
             raise FtuneError(f"{option} {value}: must be at least 1")
+    if out is not None:
+        inputs = [("the model", Path(spec)) for spec in specs if Path(spec).exists()]
+        inputs += recipe_inputs(load_recipe(Path(recipe_path), overrides), Path(recipe_path)) if recipe_path is not None else []
+        inputs += [("the data file", Path(data))] if data is not None else []
+        inputs += [("the prompts file", Path(prompts_file))] if prompts_file is not None else []
+        check_out(Path(out), inputs)
     if lm_eval_include and not lm_eval_tasks:
         raise FtuneError("--lm-eval-include adds task folders for --lm-eval-tasks, and no task is named",
                          hint="name the tasks, groups or tags to run with --lm-eval-tasks NAME[,NAME...]")
@@ -72,7 +81,7 @@ def run_eval(
         results = evaluate_reward_models(list(specs), recipe_path=recipe_path, overrides=list(overrides), data=data, max_length=max_length,
                                          max_samples=max_samples, trust_remote_code=trust_remote_code, say=say)
         if out is not None:
-            write_json(Path(out), results)
+            write_results(out, results)
         return results
     user_recipe = load_recipe(Path(recipe_path), overrides) if recipe_path is not None else None
     trust = trust_remote_code or bool(user_recipe is not None and user_recipe.base_model.trust_remote_code)
@@ -118,8 +127,34 @@ def run_eval(
             loaded.close()
     results["generations"] = [{"prompt": p, "answers": {spec: a[i] for spec, a in answers.items()}} for i, p in enumerate(prompts)]
     if out is not None:
-        write_json(Path(out), results)
+        write_results(out, results)
     return results
+
+
+# `ftune eval --out FILE`: the results JSON says who wrote it, which is what lets a later eval replace it.
+WRITTEN_BY = {"written_by": "ftune", "command": "eval"}
+# Results written before they said so: exactly these keys.
+_OLD_KEYS = ({"data", "models", "generations", "lm_eval", "sampling", "versions"}, {"data", "models", "versions"})
+
+
+def check_out(out: Path, inputs: list[tuple[str, Path]]) -> Path:
+    """Refuse, before any model loads, an --out that is an input or a file another command (or the user) wrote.
+    An earlier `ftune eval` output is replaced, as it always was (eval has no --overwrite)."""
+    return check_file_target(out, kind="eval-results", ours=_ours, overwrite=True, inputs=inputs, option="--out")
+
+
+def _ours(path: Path) -> bool:
+    data = read_json_object(path)
+    if data is None:
+        return False
+    return all(data.get(k) == v for k, v in WRITTEN_BY.items()) or set(data) in _OLD_KEYS
+
+
+def write_results(out: Path, results: dict) -> None:
+    results, nulls = textio.nulled(results)  # a diverged model's loss or perplexity: null, and said
+    if nulls:
+        sys.stderr.write(textio.nulls_note(nulls) + f" in {out}\n")
+    write_json(Path(out), {**WRITTEN_BY, **results})
 
 
 @dataclasses.dataclass(frozen=True)

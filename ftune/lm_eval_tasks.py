@@ -10,6 +10,8 @@ import numbers
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from ftune import chat, models
 from ftune.errors import FtuneError
 
@@ -32,8 +34,7 @@ class LmEvalTasks:
         if importlib.util.find_spec("lm_eval") is None:
             raise FtuneError("--lm-eval-tasks needs lm-evaluation-harness, which is not installed", hint=f"install it with: {LM_EVAL_INSTALL}")
         for folder in include:
-            if not Path(folder).is_dir():
-                raise FtuneError(f"--lm-eval-include {folder}: no such directory", hint="name a folder of lm-eval task YAML files")
+            check_include(Path(folder))
         models.quiet_libraries()
         from lm_eval.tasks import TaskManager
 
@@ -112,3 +113,66 @@ def _reason(exc: BaseException) -> str:
     # A KeyError's str() quotes its message; the message itself reads better.
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) else str(exc)
     return f"{type(exc).__name__}: {text.strip()}" if text.strip() else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- --lm-eval-include folders
+
+MAX_TASK_YAML_BYTES = 16 << 20  # a task YAML is a few KB; lm-eval reads every one of a folder whole
+
+
+class _TaskYamlLoader(yaml.SafeLoader):
+    """Safe YAML plus lm-eval's one tag, `!function utils.process_docs`, read as text (never imported here)."""
+
+
+_TaskYamlLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def check_include(folder: Path) -> None:
+    """Every task YAML of an --lm-eval-include folder read up front, each broken one named with its line.
+
+    lm-eval skips a YAML it cannot parse without a word (its tasks are then simply unknown), so a typo
+    in a task file would surface as "lm-eval knows no task of that name". Its files are the ones
+    lm-eval reads: `**/*.yaml`, outside __pycache__ and .ipynb_checkpoints."""
+    option = f"--lm-eval-include {folder}"
+    if not folder.exists():
+        raise FtuneError(f"{option}: no such directory", hint="name a folder of lm-eval task YAML files")
+    if not folder.is_dir():
+        raise FtuneError(f"{option}: is a file, not a folder", hint="name the folder that holds your task YAML files "
+                         "(a single task file goes in --lm-eval-tasks FILE.yaml)")
+    found = 0
+    for path in sorted(folder.glob("**/*.yaml")):
+        if any(part in ("__pycache__", ".ipynb_checkpoints") for part in path.relative_to(folder).parts):
+            continue
+        found += 1
+        _check_task_yaml(path, option)
+    if not found:
+        raise FtuneError(f"{option}: the folder holds no task YAML files (*.yaml)", hint="lm-eval reads tasks from *.yaml files")
+
+
+def _check_task_yaml(path: Path, option: str) -> None:
+    try:
+        if not path.is_file():
+            raise FtuneError(f"{option}: {path} is not a regular file")
+        if path.stat().st_size > MAX_TASK_YAML_BYTES:
+            raise FtuneError(f"larger than {MAX_TASK_YAML_BYTES >> 20} MiB; not an lm-eval task file", place=str(path))
+        text = path.read_bytes().decode("utf-8-sig")
+        data = yaml.load(text, Loader=_TaskYamlLoader)  # noqa: S506 (a SafeLoader subclass)
+    except UnicodeDecodeError as exc:
+        raise FtuneError(f"byte {exc.start} is not UTF-8 text; save the task file as UTF-8", place=str(path)) from None
+    except OSError as exc:
+        raise FtuneError(f"cannot read it: {exc.strerror or exc}", place=str(path)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise FtuneError(f"invalid YAML in an lm-eval task file: {problem}", place=where,
+                         hint=f"fix or remove it: lm-eval would skip it, and the tasks it defines would be unknown ({option})") from None
+    if not isinstance(data, dict):
+        raise FtuneError(f"an lm-eval task file is a mapping (task:, dataset_path:, ...), not {type(data).__name__}",
+                         place=f"{path} line 1", hint=f"fix or remove it ({option})")
+    includes = data.get("include")
+    for name in includes if isinstance(includes, list) else [includes] if includes is not None else []:
+        target = Path(str(name)) if Path(str(name)).is_absolute() else path.parent / str(name)
+        if not target.is_file():
+            raise FtuneError(f"include: {name} does not exist ({target})", place=str(path), hint=f"fix the include ({option})")
+

@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
-import json
 import os
 import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ftune import textio
 from ftune.errors import FtuneError
 
 LOCK_FILE = "run.lock"
@@ -79,9 +79,15 @@ class RunLock:
             self.say(f"note: took over the lock of process {previous.get('pid')} on {previous.get('host')}"
                      f" (started {previous.get('started', '?')}), which is no longer running")
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "command": " ".join(sys.argv)[:300]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (textio.dumps(me) + "\n").encode(), 0)
+            os.fsync(fd)
+        except OSError as exc:  # a full disk: the lock is not taken, and the error names the file (ftune.oserrors)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(fd)
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         self._fd = fd
         os.environ[HOLDER_ENV] = f"{os.getpid()}:{self.path}"
         return self
@@ -179,8 +185,8 @@ def _read(path: Path) -> dict | None:
 
 def _parse(raw: bytes) -> dict | None:
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        data = textio.loads(raw, "lock file")  # depth-bounded: a lock file is read back, not trusted
+    except FtuneError:
         return None
     return data if isinstance(data, dict) else None
 

@@ -59,9 +59,26 @@ class _DropMessage:
 
 
 def cache_dir() -> Path:
-    """Where ftune keeps converted models and tokenized data: $FTUNE_CACHE or ~/.cache/ftune."""
-    root = os.environ.get("FTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ftune"
-    return Path(root)
+    """Where ftune keeps converted models and tokenized data: $FTUNE_CACHE or ~/.cache/ftune.
+
+    Every cache user comes here, so an unusable location (a file, a read-only folder) is one
+    error naming FTUNE_CACHE before any work, not a traceback from deep inside a write.
+    """
+    import tempfile
+
+    setting = os.environ.get("FTUNE_CACHE")
+    root = Path(setting).expanduser() if setting else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ftune"
+    name = f"FTUNE_CACHE={setting}" if setting else f"the cache folder {root}"
+    hint = "set FTUNE_CACHE to a folder ftune can write to" + ("" if setting else " (it is not set, so ftune uses ~/.cache/ftune)")
+    if root.exists() and not root.is_dir():
+        raise FtuneError(f"{name} is a file, not a folder", place="FTUNE_CACHE", hint=hint)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):  # can ftune write there? (permission bits alone do not say: root, read-only mounts)
+            pass
+    except OSError as exc:
+        raise FtuneError(f"{name} cannot be used as ftune's cache: {exc.strerror or exc}", place="FTUNE_CACHE", hint=hint) from None
+    return root
 
 
 def demo_gguf_path() -> Path:
@@ -103,7 +120,7 @@ def convert_demo_model(gguf: Path, target: Path) -> None:
         del model.config.quantization_config
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, kind="model-cache", overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 

@@ -8,11 +8,12 @@ merge and export parity checks. Deciding what to do with the directory is runs.p
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from ftune import adapters, runs
+from ftune import adapters, bounds, runs, textio
 from ftune.recipe import Recipe
 from ftune.runs import ADAPTER_DIR, INITIAL_ADAPTER_DIR, MODEL_DIR, RUN_FILE, atomic_dir, atomic_file, package_versions, write_json
 
@@ -20,7 +21,7 @@ from ftune.runs import ADAPTER_DIR, INITIAL_ADAPTER_DIR, MODEL_DIR, RUN_FILE, at
 def save_initial_adapter(model, run_dir: Path, recipe: Recipe) -> None:
     """Keep a PiSSA/OLoRA adapter as initialised: saving the trained one needs it (see save_trained)."""
     if recipe.adapter.init in ("pissa", "olora") and not (run_dir / INITIAL_ADAPTER_DIR).is_dir():
-        with atomic_dir(run_dir / INITIAL_ADAPTER_DIR) as tmp:
+        with atomic_dir(run_dir / INITIAL_ADAPTER_DIR, kind="adapter") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
 
 
@@ -31,7 +32,7 @@ def save_trained(model, tokenizer, formatter, run_dir: Path, recipe: Recipe) -> 
     # adapter, the result is a plain LoRA that works on the original base.
     initial = run_dir / INITIAL_ADAPTER_DIR
     conversion = {"path_initial_model_for_weight_conversion": str(initial)} if initial.is_dir() else {}
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, kind="adapter" if target.name == ADAPTER_DIR else "trained-model", overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **conversion)
         if formatter.saved_template:  # the template trained with travels with the tokenizer: merge, GGUF, servers
             tokenizer.chat_template = formatter.saved_template
@@ -71,7 +72,8 @@ def generate_samples(model, tokenizer, formatter, recipe: Recipe, device, stop=N
         messages = formatter.with_system(({"role": "user", "content": prompt},))
         text = formatter.render(messages, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=formatter.prepend_bos, return_tensors="pt").to(device)
-        out = model.generate(**ids, max_new_tokens=recipe.evaluation.max_new_tokens, do_sample=False,
+        longest = bounds.new_tokens(model, recipe.evaluation.max_new_tokens, ids["input_ids"].shape[1])
+        out = model.generate(**ids, max_new_tokens=longest, do_sample=False,
                              eos_token_id=config.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
         answers.append((prompt, tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()))
     return answers
@@ -86,12 +88,15 @@ def write_eval_prompts(run_dir: Path, tokenizer, samples) -> None:
     with atomic_file(run_dir / runs.EVAL_PROMPTS_FILE) as handle:
         for ids, labels in samples:
             first = next((t for t, label in enumerate(labels) if label != IGNORE), len(ids))
-            handle.write(json.dumps({"text": tokenizer.decode(ids[:first].tolist())}) + "\n")
+            handle.write(textio.dumps({"text": tokenizer.decode(ids[:first].tolist())}) + "\n")
 
 
 def write_run_json(run_dir: Path, recipe: Recipe, model_path: str, dtype, *, status: str, step: int, summary: dict | None = None,
                    recipe_dir: Path | None = None) -> None:
     base = recipe.base_model
+    summary, nulls = textio.nulled(summary or {})  # a diverged metric is written as null, and said
+    if nulls:
+        sys.stderr.write(textio.nulls_note(nulls) + f" in {run_dir / RUN_FILE}\n")
     write_json(run_dir / RUN_FILE, {
         "ftune_version": package_versions().get("ftune", "unknown"),
         "stage": recipe.stage,
@@ -103,7 +108,7 @@ def write_run_json(run_dir: Path, recipe: Recipe, model_path: str, dtype, *, sta
         "quantization": json.loads(recipe.quantization.model_dump_json()),
         "dtype": str(dtype).removeprefix("torch."),
         "global_step": step,
-        "summary": summary or {},
+        "summary": summary,
         "versions": package_versions(),
     })
 

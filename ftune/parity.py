@@ -13,11 +13,12 @@ No heavy imports at module level: gguf/formats.py, which builds `--help`, import
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ftune import textio
+from ftune.data.chat_template import render  # bounded in time: a template that runs away is an error naming it
 from ftune.errors import FtuneError
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def prompt_texts(tokenizer: Any, prompts_file: Path | None) -> list[str]:
         for question in BUILTIN_QUESTIONS:
             try:
                 messages = [{"role": "user", "content": question}]
-                texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+                texts.append(render(tokenizer, messages, template=None, name="the tokenizer's chat template", add_generation_prompt=True))
             except (TemplateError, ValueError):  # no chat template (a base model), or one that refuses this turn
                 texts.append(question)
     return texts[:MAX_PROMPTS]
@@ -77,18 +78,12 @@ def held_out_prompts(tokenizer: Any, prompts_file: Path | None, *, max_tokens: i
 
 def read_prompts(path: Path) -> list[str]:
     """The non-empty texts of an eval_prompts.jsonl, one JSON object {"text": ...} a line."""
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as exc:
-        raise FtuneError(f"invalid UTF-8 at byte {exc.start}", place=str(path)) from None
     texts = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in textio.text_lines(path, "prompts file"):
         if not line.strip():
             continue
-        try:
-            text = json.loads(line)["text"]
-        except (ValueError, KeyError, TypeError):
-            text = None
+        data = textio.loads(line, f"{path} line {number}")
+        text = data.get("text") if isinstance(data, dict) else None
         if not isinstance(text, str):
             raise FtuneError("expected a JSON object with a 'text' string", place=f"{path}:{number}")
         if text.strip():  # an empty prompt has no position to compare

@@ -8,7 +8,6 @@ logging step prints one plain line instead. Trackers named in `training.report_t
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -19,6 +18,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from ftune import textio
+from ftune.errors import FtuneError
 
 console = Console(stderr=True)
 
@@ -122,7 +124,7 @@ def _clean(value):
 
 def _dumps(record: dict) -> str:
     # allow_nan=False: a non-finite number that slipped past _clean is a bug to hear about, not a line no JSON reader accepts.
-    return json.dumps({k: _clean(v) for k, v in record.items()}, allow_nan=False)
+    return textio.dumps({k: _clean(v) for k, v in record.items()})
 
 
 def _number(value, spec: str = ".4f") -> str:
@@ -132,10 +134,22 @@ def _number(value, spec: str = ".4f") -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl as ftune wrote it: each line an object with an integer step; anything else is refused at its line."""
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in textio.text_lines(path, "metrics file"):
+        if not line.strip():
+            continue
+        place = f"{path} line {number}"
+        record = textio.loads(line, place, nonfinite_as_null=True)  # an older ftune wrote NaN literals here
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise FtuneError("not a metrics record ftune wrote: an object with a whole, non-negative 'step'", place=place,
+                             hint="the run's metrics.jsonl is damaged; move it aside to continue without its history")
+        records.append(record)
+    return records
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:

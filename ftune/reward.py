@@ -25,7 +25,6 @@ rewards read exactly as training read them.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ftune import adapters, attention, models, runs, training
+from ftune import adapters, attention, models, run_checks, runs, textio, training
 from ftune.data.chat import IGNORE, Formatter, make_formatter
 from ftune.data.formats import Chat
 from ftune.data.packing import Encoded
@@ -351,14 +350,16 @@ def load(path: Path, *, device=None, trust_remote_code: bool = False) -> RewardM
     from ftune.recipe import QuantizationSection
 
     path = Path(path).expanduser()
+    if (path / runs.RUN_FILE).is_file():
+        runs.read_run(path, expect="reward model")  # a damaged run, or one of another stage, named as such
+    elif (path / "adapter_config.json").is_file():
+        run_checks.check_adapter(path)
     if reward_model_kind(path) is None:
         raise FtuneError(f"{path} is not a reward model", hint="pass an `ftune rm` run directory (or its adapter, or a model "
                          "merged from one); train one with `ftune rm RECIPE`")
     template, system, quantization, dtype, adapter, weights = "auto", None, None, "auto", None, path
     if (path / runs.RUN_FILE).is_file():
         run = runs.read_run(path)
-        if not run.completed:
-            raise FtuneError(f"{path} is not a completed run (status: {run.status})", hint="score with a finished reward model")
         recipe = run.recipe()
         if recipe is not None and recipe.data.chat_template in CHAT_TEMPLATE_NAMES:
             template = recipe.data.chat_template  # a template file was saved into the tokenizer: auto finds it
@@ -367,7 +368,8 @@ def load(path: Path, *, device=None, trust_remote_code: bool = False) -> RewardM
         dtype = run.dtype or "auto"
         weights, adapter = (run.model_dir, None) if (run.model_dir / "config.json").is_file() else (Path(run.base_path()), run.adapter_dir)
     elif (path / "adapter_config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        config = textio.load_file(path / "adapter_config.json", "adapter config")
+        base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
         if not isinstance(base, str) or not base:
             raise FtuneError("adapter_config.json does not name its base model (base_model_name_or_path)", place=str(path))
         weights, adapter = Path(models.resolve_model_path(base)), path

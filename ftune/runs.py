@@ -1,8 +1,9 @@
 """Run directories: their files, whose they are, who holds them, and how they are replaced.
 
 A run directory describes itself: `run.json` names the stage, status, step and resolved base
-model; `recipe.yaml` is the resolved recipe. Later commands (merge, export, eval, chat, a DPO
-`init_from`) read a run through `read_run`, never by parsing run.json themselves.
+model; `recipe.yaml` is the resolved recipe. Later commands (merge, export, eval, chat, an
+`init_from`, a reward model) read a run through `read_run`, never by parsing run.json themselves:
+it refuses a damaged run, and one of the wrong kind for the reader (run_checks.py).
 
 ftune deletes or replaces only what ftune wrote (ownership.py holds the rule). A run is
 replaced by renaming it aside, building the new one, and deleting the old one once the new
@@ -13,15 +14,15 @@ a set-aside run back when its replacement never got as far as a checkpoint.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftune import run_checks
 from ftune.errors import FtuneError
-from ftune.ownership import ASIDE, contents, is_run, owned, refuse_foreign, refuse_protected, set_aside
+from ftune.ownership import ASIDE, contents, is_run, make_parents, owned, remove_empty, refuse_file_on_path, refuse_foreign, refuse_inside, refuse_other_kind, refuse_protected, set_aside
 
 # The ownership rule with the atomic writes (ownership.py) and the lock (lock.py) are their own
 # modules; callers import them from here, with the run-directory knowledge they go with.
@@ -114,43 +115,42 @@ class Run:
         return _dict_view(self)[key]
 
 
-def read_run(run_dir: Path) -> Run:
-    """The run in `run_dir`, with a clear error when it is not one."""
+def read_run(run_dir: Path, expect: str | None = None, *, what: str | None = None) -> Run:
+    """The run in `run_dir`, refused with the file named when it is not one, is damaged, or is
+    another user's. With `expect` (a key of run_checks.USES: "grpo.init_from", "merge", ...),
+    also of the stage that use reads, finished when it must be, its weights readable; `what`
+    names the user in the message when it is not `expect` itself (e.g. "rewards[0]")."""
     run_dir = Path(run_dir)
     meta = run_dir / RUN_FILE
     if not meta.is_file():
-        raise FtuneError(f"{run_dir} is not an ftune run directory (no {RUN_FILE})")
-    if meta.stat().st_size > 16 * 2**20:  # ftune writes a few KB; anything this size is not ours
-        raise FtuneError(f"{meta}: too large to be a run.json ftune wrote")
-    try:
-        data = json.loads(meta.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FtuneError(f"{meta}: unreadable ({exc})") from None
-    base = data.get("base_model") if isinstance(data, dict) else None
-    if not isinstance(base, dict) or not isinstance(base.get("name"), str):
-        raise FtuneError(f"{RUN_FILE} does not name its base model (base_model.name)", place=str(run_dir),
-                         hint="was it written by ftune?")
+        raise run_checks.not_a_run(run_dir, RUN_FILE, OUTPUT_MARKER)
+    run_checks.check_owner(meta)
+    data = run_checks.check_meta(run_checks.json_file(meta, "run file"), meta)
+    base = data["base_model"]
     quantization = data.get("quantization") if isinstance(data.get("quantization"), dict) else None
     adapter = data.get("adapter") if isinstance(data.get("adapter"), dict) else {}
-    return Run(
+    run = Run(
         dir=run_dir,
-        stage=str(data.get("stage", "")),
-        status=str(data.get("status", "unknown")),
-        step=data["global_step"] if isinstance(data.get("global_step"), int) else 0,
+        stage=data["stage"],
+        status=data["status"],
+        step=data.get("global_step") or 0,
         base_model=base["name"],
-        base_model_path=base.get("path") if isinstance(base.get("path"), str) else None,
-        base_model_revision=base.get("revision") if isinstance(base.get("revision"), str) else None,
-        adapter_method=str(adapter.get("method", "lora")),
+        base_model_path=base.get("path"),
+        base_model_revision=base.get("revision"),
+        adapter_method=adapter.get("method", "lora"),
         quantization=quantization if quantization and quantization.get("load_in_4bit") else None,
-        dtype=data.get("dtype") if isinstance(data.get("dtype"), str) else None,
-        summary=data.get("summary") if isinstance(data.get("summary"), dict) else {},
-        ftune_version=data.get("ftune_version"),
-        recipe_dir=Path(data["recipe_dir"]) if isinstance(data.get("recipe_dir"), str) else None,
+        dtype=data.get("dtype"),
+        summary=data.get("summary") or {},
+        ftune_version=data["ftune_version"],
+        recipe_dir=Path(data["recipe_dir"]) if data.get("recipe_dir") else None,
     )
+    if expect is not None:
+        run_checks.check_use(run, expect, what)
+    return run
 
 
 def _dict_view(run: Run) -> dict:
-    data = json.loads((run.dir / RUN_FILE).read_text(encoding="utf-8"))
+    data = run_checks.json_file(run.dir / RUN_FILE, "run file")
     if isinstance(data.get("base_model"), dict):
         data["base_model"] = {**data["base_model"], "trust_remote_code": False}
     return data
@@ -246,6 +246,10 @@ def plan_run_dir(run_dir: Path, recipe: Recipe, recipe_path: Path, *, resume: bo
     if holder is not None:
         raise RunLocked(run_dir, holder)
     restore_set_aside(run_dir, say)
+    refuse_file_on_path(run_dir, option=option, place=place)
+    refuse_inside(run_dir, kind="run", option=option, place=place)  # a run inside a merged model, curated data, another run
+    refuse_other_kind(run_dir, kind="run", option=option, place=place)  # a run's adapter, a merged model: never replaced by a run
+    refuse_other_stage(run_dir, recipe.stage, place=place)
     if run_dir.exists() and contents(run_dir) and not owned(run_dir):
         refuse_foreign(run_dir, option=option, place=place)
     meta = read_json_object(run_dir / RUN_FILE)
@@ -274,6 +278,15 @@ def plan_run_dir(run_dir: Path, recipe: Recipe, recipe_path: Path, *, resume: bo
     return RunPlan(None, replace=False)
 
 
+def refuse_other_stage(run_dir: Path, stage: str, *, place: str) -> None:
+    """`ftune sft --overwrite` replaces an earlier sft run, never a reward model or a GRPO policy."""
+    meta = read_json_object(run_dir / RUN_FILE) if is_run(run_dir) else None
+    found = meta.get("stage") if meta else None
+    if isinstance(found, str) and found != stage:
+        raise FtuneError(f"{run_dir} is an ftune run (written by ftune {found}), not an earlier `ftune {stage}` output; "
+                         f"ftune {stage} replaces only its own outputs", place=place, hint="set output.dir to a new directory for this run")
+
+
 def start_run_dir(run_dir: Path, plan: RunPlan, say: Callable[[str], None] | None = None) -> OpenRun:
     """Act on the plan once the inputs are known to be good (nothing is touched before):
     set a replaced run aside, create the directory and take its lock.
@@ -286,16 +299,18 @@ def start_run_dir(run_dir: Path, plan: RunPlan, say: Callable[[str], None] | Non
         holder = lock_holder(run_dir)
         if holder is not None:
             raise RunLocked(run_dir, holder)
-        if not owned(run_dir):  # the directory changed since it was planned
+        if not is_run(run_dir):  # the directory changed since it was planned
             refuse_foreign(run_dir, option="output.dir")
         replaced = set_aside(run_dir)
         say(f"replacing the run in {run_dir}; the previous one is kept in {replaced} until this one completes")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    created = make_parents(run_dir / RUN_FILE)  # the run directory and any folder above it that was missing
     try:
         lock = RunLock(run_dir, say=say).acquire()
     except BaseException:
         if replaced is not None:
             _put_back(run_dir, replaced)
+        else:
+            remove_empty(created)  # a full or read-only disk: no folder left behind
         raise
     # A checkpoint being written when the process was killed: never complete, never used.
     for partial in (run_dir / CHECKPOINTS_DIR).glob(".*.partial-*"):

@@ -15,15 +15,15 @@ recipe's, or every pair of a data file.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-from ftune import reward, runs
+from ftune import reward, runs, textio
 from ftune.data.chat import IGNORE
 from ftune.data.formats import BadRow, Chat, Raw, convert, detect_format, kind
 from ftune.data.sources import read_source
 from ftune.errors import FtuneError
+from ftune.file_targets import check_file_target
 from ftune.recipe import DataSection, DataSource, Recipe, load_recipe
 
 SIDECAR = ".score.json"  # OUT.score.json: what wrote OUT from what; it is also how ftune knows OUT is its own
@@ -49,20 +49,28 @@ def score_file(model: Path, data: Path, out: Path | None = None, *, overwrite: b
     sequences = [_ids(scorer, sample, row.place) for row, (samples, _) in zip(rows, judged) for sample in samples]
     say(f"scoring {len(sequences)} sequences of {len(rows)} rows")
     rewards = iter(scorer.score_ids(sequences))
-    singles, margins = [], []
+    singles, margins, unscored = [], [], []
     with runs.atomic_file(out) as handle:
         for row, (_, paired) in zip(rows, judged):
+            # A model can score NaN or infinity (a broken head, an overflow): JSON cannot hold it, so the
+            # row's reward is written as an explicit null, counted, and left out of every mean.
             if paired:
-                chosen, rejected = next(rewards), next(rewards)
-                added = {"reward_chosen": chosen, "reward_rejected": rejected, "reward_margin": chosen - rejected}
-                margins.append(chosen - rejected)
+                chosen, rejected = textio.finite_or_none(next(rewards)), textio.finite_or_none(next(rewards))
+                margin = chosen - rejected if chosen is not None and rejected is not None else None
+                added = {"reward_chosen": chosen, "reward_rejected": rejected, "reward_margin": textio.finite_or_none(margin)}
+                if added["reward_margin"] is not None:
+                    margins.append(margin)
             else:
-                added = {"reward": next(rewards)}
-                singles.append(added["reward"])
-            handle.write(json.dumps({**row.data, **added}, ensure_ascii=False) + "\n")
+                added = {"reward": textio.finite_or_none(next(rewards))}
+                if added["reward"] is not None:
+                    singles.append(added["reward"])
+            if None in added.values():
+                unscored.append(row.place)
+            handle.write(textio.dumps({**row.data, **added}, place=row.place, ensure_ascii=False) + "\n")
     summary = {"written_by": "ftune", "command": "score", "output": out.name, "model": str(model), "data": str(data),
                "rows": len(rows), "pairs": len(margins), "mean_reward": _mean(singles),
                "pairwise_accuracy": _mean([float(m > 0) for m in margins]), "mean_margin": _mean(margins),
+               "not_finite": len(unscored), "first_not_finite": unscored[0] if unscored else None,
                "versions": runs.package_versions()}
     runs.write_json(_sidecar(out), summary)
     return out, summary
@@ -99,20 +107,12 @@ def _ids(scorer: reward.RewardModel, sample, place: str) -> list[int]:
 
 
 def _check_output(out: Path, data: Path, model: Path, *, overwrite: bool) -> None:
-    """Refuse, before any work, an output that is the data, a directory, or a file ftune did not write."""
-    target = out.resolve()
-    if target == data.resolve():
-        raise FtuneError(f"{out} is the data file being scored", place="--out", hint="name a new file for --out")
-    if target.is_dir():
-        raise FtuneError(f"{out} is a directory", place="--out", hint="--out names the JSONL file to write")
-    if model.resolve() in target.parents:
-        raise FtuneError(f"{out} is inside the reward model {model}", place="--out", hint="write the scores elsewhere")
-    for path in (target, _sidecar(target)):
-        if path.exists() and not _ours(target):
-            raise FtuneError(f"{path} already exists and ftune score did not write it", place="--out",
-                             hint="ftune replaces only what it wrote; choose another --out")
-    if target.exists() and not overwrite:
-        raise FtuneError(f"{out} already exists", place="--out", hint="pass --overwrite to replace it (an earlier ftune score), or choose another --out")
+    """Refuse, before any work, an output that is the data, inside the model, a directory, or a
+    file `ftune score` did not write (the shared rule: ownership.check_file_target); its sidecar too."""
+    inputs = [("the data file being scored", data), ("the reward model", model)]
+    target = check_file_target(out, kind="scores", ours=_ours, overwrite=overwrite, inputs=inputs, option="--out")
+    # The sidecar is replaced with the output it describes: only when it is that output's own.
+    check_file_target(_sidecar(target), kind="scores", ours=lambda _path: _ours(target), overwrite=True, inputs=inputs, option="--out")
 
 
 def _ours(out: Path) -> bool:
@@ -173,7 +173,7 @@ def _pairs_recipe(first: Path, recipe_path: Path | None, overrides: list[str], d
     if recipe_path is not None:
         recipe, base_dir, source = load_recipe(recipe_path, overrides), Path(recipe_path).parent.resolve(), str(recipe_path)
     elif (first / runs.RUN_FILE).is_file() and (first / runs.RECIPE_FILE).is_file():
-        run = runs.read_run(first)
+        run = runs.read_run(first, expect="reward model")
         recipe, source = load_recipe(first / runs.RECIPE_FILE, overrides), str(first / runs.RECIPE_FILE)
         if run.recipe_dir is None or not run.recipe_dir.is_dir():
             raise FtuneError(f"the recipe saved in {first} reads its data relative to the folder the recipe was in, which "

@@ -21,6 +21,7 @@ from ftune.data import mixture
 from ftune.data.packing import Encoded, micro_batches
 from ftune.errors import RecipeError
 from ftune.recipe import Recipe, TrainingSection
+from ftune.recipe.model import MAX_EPOCH_SAMPLES
 
 SMOKE_STEPS = 3  # what `--smoke` trains: enough to pass through a step, a checkpoint and an eval
 MAX_TOTAL_STEPS = 10**9  # far past any real run (a step a millisecond: eleven days); more is a typo in epochs
@@ -42,10 +43,22 @@ def sft_micro_batches(recipe: Recipe, train: Encoded, *, world: int, epoch: int)
 
 def epoch_samples(recipe: Recipe, train: Encoded, epoch: int):
     """A weighted mixture's samples for this epoch (None: every sample once)."""
-    counts = mixture.plan(recipe.data, mixture_available(recipe, train))
+    counts = mixture.plan(recipe.data, mixture_available(recipe, train), used=samples_used(recipe, train))
     if counts is None:
         return None
     return mixture.draw(train.source, counts, replacement=recipe.data.replacement, seed=recipe.training.seed, epoch=epoch)
+
+
+def samples_used(recipe: Recipe, train: Encoded) -> int | None:
+    """At most how many samples a run with training.max_steps trains (None: no step limit), counted
+    generously: every row of every step, on every process, packed as full as the shortest sample allows."""
+    tc = recipe.training
+    if tc.max_steps is None or not len(train):
+        return None
+    rows = tc.max_steps * tc.batch_size * tc.gradient_accumulation_steps * recipe.distributed.num_processes
+    per_row = max(1, recipe.data.max_length // max(1, int(train.lengths().min()))) if recipe.data.packing else 1
+    # Packed, beyond MAX_EPOCH_SAMPLES an epoch ends early instead (the next one draws afresh): memory stays bounded.
+    return min(rows * per_row, max(rows, MAX_EPOCH_SAMPLES))
 
 
 def mixture_available(recipe: Recipe, train: Encoded) -> list[int]:

@@ -8,11 +8,11 @@ plan their outputs from this before reading any tensor.
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftune import textio
 from ftune.errors import FtuneError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -64,7 +64,10 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             length = struct.unpack("<Q", start)[0] if len(start) == 8 else -1
             if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
                 raise ValueError("truncated, or not a safetensors file")
-            header = json.loads(handle.read(length))
+            try:
+                header = textio.loads(handle.read(length), str(file))  # depth-bounded: a header is a flat object
+            except FtuneError as exc:
+                raise ValueError(exc.message) from None
         if not isinstance(header, dict):
             raise ValueError("its header is not a JSON object")
         tensors = {}
@@ -86,7 +89,9 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
 
 def _weight_map(index_file: Path) -> dict[str, str]:
     try:
-        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = textio.load_file(index_file, "safetensors index")["weight_map"]
+    except FtuneError as exc:
+        raise FtuneError(f"unreadable safetensors index ({exc.message})", place=exc.place or str(index_file)) from None
     except (ValueError, KeyError, TypeError) as exc:
         raise FtuneError(f"unreadable safetensors index ({type(exc).__name__}: {exc})", place=str(index_file)) from None
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):

@@ -53,7 +53,8 @@ def bin_only_model(tmp: Path, model: Path) -> Path:
 def sft_run_dir(tmp: Path, *, status: str, base: str) -> Path:
     run = tmp / "sft-run"
     (run / "adapter").mkdir(parents=True)
-    (run / "run.json").write_text(json.dumps({"status": status, "base_model": {"name": base, "path": base}}))
+    (run / "run.json").write_text(json.dumps({"ftune_version": "0.1.0", "stage": "sft", "status": status,
+                                              "base_model": {"name": base, "path": base}}))
     (run / "adapter" / "adapter_config.json").write_text("{}")
     return run
 
@@ -167,3 +168,88 @@ def adapter(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+# ftune with one function wrapped so that a signal lands in a chosen phase, however fast the machine:
+# on call `call` of module:function (a class method as module:Class.method) the process writes its
+# pid to `marker`, then either sleeps (`hold` None: only a signal ends the pause), or sleeps `hold`
+# seconds on every call from then on (a slow phase that ftune must cut short, e.g. token by token),
+# (with `blocking`, stop signals held in that thread, as inside a long call into C),
+# or waits until the file `until` exists (the test says when to go on). `match` limits the counted
+# calls to those whose first argument contains that text. Test harness only: ftune has no test hooks.
+_PAUSE_IN = """
+import importlib, json, os, signal, sys, time
+from pathlib import Path
+for pause in json.loads(os.environ["FTUNE_TEST_PAUSES"]):
+    module_name, attr = pause["target"].split(":")
+    owner = importlib.import_module(module_name)
+    *path, attr = attr.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    def wrap(original, pause=pause, calls=[0]):
+        def paused(*args, **kwargs):
+            if pause["match"] is None or (args and pause["match"] in str(args[0])):
+                calls[0] += 1
+                if calls[0] >= pause["call"]:
+                    if calls[0] == pause["call"]:
+                        Path(pause["marker"]).write_text(str(os.getpid()))
+                    if pause["blocking"]:  # like a long call into C: no signal is handled in this thread
+                        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+                    if pause["until"] is not None:
+                        while not Path(pause["until"]).exists():
+                            time.sleep(0.02)
+                    elif pause["hold"] is not None:
+                        time.sleep(pause["hold"])
+                    elif calls[0] == pause["call"]:
+                        time.sleep(3600)
+            return original(*args, **kwargs)
+        return paused
+    setattr(owner, attr, wrap(getattr(owner, attr)))
+from ftune.cli import main
+sys.argv = ["ftune", *sys.argv[1:]]
+main()
+"""
+
+
+def pause_spec(target: str, marker: Path, *, call: int = 1, hold: float | None = None, until: Path | None = None,
+               match: str | None = None, blocking: bool = False) -> dict:
+    """`blocking`: the pause holds stop signals in its thread, as a call into C does."""
+    return {"target": target, "marker": str(marker), "call": call, "hold": hold, "until": str(until) if until else None,
+            "match": match, "blocking": blocking}
+
+
+def start_paused(argv: list, pauses: list[dict], *, cwd: Path | None = None, env: dict | None = None,
+                 stdin: Path | None = None) -> subprocess.Popen:
+    """`ftune ARGV` in a child process (its own process group, so its children can be found) with `pauses` in place;
+    its standard input is the file `stdin` (what a user types), else empty."""
+    environ = {**os.environ, "FTUNE_NO_PROGRESS": "1", "FTUNE_TEST_PAUSES": json.dumps(pauses), **(env or {})}
+    with open(stdin or os.devnull, "rb") as typed:
+        return subprocess.Popen([sys.executable, "-c", _PAUSE_IN, *map(str, argv)], env=environ, cwd=cwd, stdin=typed,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Until `path` exists; the process ending first (or a hang) fails with its output."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            pytest.fail(f"ended (exit {process.returncode}) before reaching its pause:\n{process.communicate()[0][-3000:]}")
+        if time.time() > deadline:
+            process.kill()
+            pytest.fail(f"never reached its pause:\n{process.communicate()[0][-3000:]}")
+        time.sleep(0.05)
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """Live processes in a process group (Linux /proc): what a stopped command must not leave running."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members

@@ -44,7 +44,10 @@ def test_eval_scores_base_and_run_on_the_same_tokens(tmp_path, tiny_model_dir, t
     assert tuned["eval_loss"] < base["eval_loss"] / 2
     # The run scores here what it logged at the end of training, on the same held-out split.
     assert tuned["eval_loss"] == pytest.approx(final_eval_loss(tiny_run), rel=1e-4)
-    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    # The file holds the results and says which command wrote it (what lets a later eval replace it).
+    written = json.loads(out.read_text())
+    assert {k: written.pop(k) for k in ("written_by", "command")} == {"written_by": "ftune", "command": "eval"}
+    assert written == json.loads(json.dumps(results))
     answers = results["generations"][0]["answers"]
     assert set(answers) == {str(tiny_model_dir), str(tiny_run)}
     assert answers[str(tiny_run)] == chat.answer(chat.load(chat.resolve(str(tiny_run))), [{"role": "user", "content": "What is the code word 3?"}], GREEDY)

@@ -139,6 +139,7 @@ def test_run_directory_is_merged_on_the_fly(tiny_model_dir, tmp_path):
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft_model.save_pretrained(run / "adapter")
     run_info = {
+        "ftune_version": "0.1.0",
         "stage": "sft",
         "status": "completed",
         "base_model": {"name": str(tiny_model_dir), "path": str(tiny_model_dir), "revision": None, "trust_remote_code": False},

@@ -84,7 +84,7 @@ def test_a_run_that_is_no_finished_reward_model_is_refused(case, tmp_path, tiny_
     if case == "missing":
         run, needle = tmp_path / "no-such-run", "does not exist"
     elif case == "sft":
-        run, needle = sft_run, "is an ftune sft run, not a reward model"
+        run, needle = sft_run, "is a supervised fine-tuning run (ftune sft); rewards[0] (judge) (type: reward_model) needs a reward-model run"
     elif case == "unfinished":
         run = tmp_path / "rm-copy"
         shutil.copytree(rm_run, run)

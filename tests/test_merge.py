@@ -339,7 +339,8 @@ def test_interrupted_merge_leaves_no_model_behind(tmp_path, tiny_model_dir, monk
 def test_full_finetune_run_has_nothing_to_merge(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "run.json").write_text(json.dumps({"base_model": {"name": "demo"}, "adapter": {"method": "none"}}))
+    (run / "run.json").write_text(json.dumps({"ftune_version": "0.1.0", "stage": "sft", "status": "completed",
+                                              "base_model": {"name": "demo"}, "adapter": {"method": "none"}}))
     with pytest.raises(FtuneError, match="nothing to merge"):
         merge_to_dir(run, tmp_path / "out")
 

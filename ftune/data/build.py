@@ -43,6 +43,7 @@ from ftune.data.formats import BadRow, check_allowed, convert_row
 from ftune.data.render_proof import CONVERSATIONS_CHECKED
 from ftune.data.sources import Opened, Unit, open_source, parse, place_of
 from ftune.errors import FtuneError
+from ftune.usercode_worker import die_with_parent  # one guard for every worker ftune starts
 
 if TYPE_CHECKING:
     from ftune.recipe import DataSection, DataSource
@@ -171,6 +172,8 @@ class _Workers:
         except EOFError:
             raise FtuneError("a tokenization worker died (out of memory?)",
                              hint="set a smaller data.num_proc, or data.num_proc: 1") from None
+        if isinstance(done, OSError):  # cli.main turns it into one line naming the path, as in one process
+            raise done
         if isinstance(done, str):  # a bug, not bad data: its traceback, from the worker
             raise RuntimeError(f"a tokenization worker failed:\n{done}")
         return done
@@ -205,7 +208,7 @@ def _serve(pipe, inherited: list) -> None:
     """A worker: jobs in, results out, until the parent closes its end (or dies: then so does the worker)."""
     for other in inherited:
         other.close()
-    _die_with_parent()
+    die_with_parent()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; the workers are the parallelism
     while True:
         try:
@@ -214,21 +217,13 @@ def _serve(pipe, inherited: list) -> None:
             return
         try:
             done = encode_job(job)
+        except OSError as exc:  # the file system's (a full disk, a file where a folder goes): the parent reports it as its own
+            done = exc
         except Exception:
             done = traceback.format_exc()
         pipe.send(done)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies, even by SIGKILL (elsewhere the closed pipe ends it)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # the parent died before that took hold
-        os._exit(0)
 
 
 class _Parent:

@@ -29,6 +29,7 @@ from ftune.data.chat_template import (
     common_prefix,
     end_of_turn,
     probe_style,
+    render,
 )
 from ftune.data.formats import BadRow, Raw
 from ftune.errors import FtuneError
@@ -82,11 +83,11 @@ class Formatter:
     name: str = "the chat template"
 
     def render(self, messages, *, add_generation_prompt: bool = False, tools=()) -> str:
+        """The conversation as text: a template that raises makes it a bad row (TemplateFailed), one that runs
+        past chat_template.RENDER_SECONDS is an error (TemplateTooSlow); callers add the row's place."""
         template = self.tool_template if tools and self.tool_template else self.template
-        return self.tokenizer.apply_chat_template(
-            list(messages), tools=list(tools) or None, chat_template=template, tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
+        return render(self.tokenizer, messages, template=template, name=self.name, tools=list(tools) or None,
+                      add_generation_prompt=add_generation_prompt)
 
     def with_system(self, messages: tuple[dict, ...]) -> tuple[dict, ...]:
         if self.system_prompt and messages[0]["role"] != "system":

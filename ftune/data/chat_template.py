@@ -6,6 +6,11 @@ llama3), a Jinja file (relative to the recipe; a `.json` file is read for its
 template itself inline. Whatever it is, the text is what gets saved with the adapter, so
 `ftune merge`, `ftune export-gguf` and any server loading the tokenizer use the same one.
 
+Every rendering goes through `render`: bounded in time (RENDER_SECONDS, a template whose loops
+run away is an error naming the template), and a template that raises on a conversation makes
+that conversation a bad row (`TemplateFailed`, counted or fatal as data.on_bad_row says, with its
+file and line) wherever it is rendered: training data, GRPO prompts, inspect, evaluation prompts.
+
 `end_of_turn` finds the token that closes an answer, and refuses a template whose generation
 prompt is not the start of its rendering of an answered turn (what the model is trained on
 would never be what it is served). A template's habits are learnt by rendering probe
@@ -18,10 +23,11 @@ template's text mentions, `<think>` otherwise).
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftune import textio, timelimit
+from ftune.data.formats import BadRow
 from ftune.errors import FtuneError
 
 # Templates for base models that have none. Each turn ends in a marker the model learns.
@@ -46,10 +52,35 @@ NAMED_TEMPLATES = {
 TEMPLATE_MARKERS = {"chatml": ["<|im_start|>", "<|im_end|>"], "llama3": ["<|start_header_id|>", "<|eot_id|>"]}
 THINK_TAGS = (("<think>", "</think>"), ("<seed:think>", "</seed:think>"), ("[THINK]", "[/THINK]"), ("◁think▷", "◁/think▷"))
 MAX_TEMPLATE_BYTES = 1 << 20
+RENDER_SECONDS = 10  # the most one rendering of one conversation may take; real templates take milliseconds
 
 _PROBE_TOOL = "ftune_probe_tool"
 _PROBE_REASONING = "ftune probe reasoning"
 _PROBE_ARGS = {"ftune_probe_argument": 7}
+
+
+class TemplateFailed(FtuneError, BadRow):
+    """The template raised on this conversation: a bad row where rows are read, an error elsewhere."""
+
+
+class TemplateTooSlow(FtuneError):
+    """The template ran past RENDER_SECONDS: the template itself is at fault, not one row."""
+
+
+def render(tokenizer, messages, *, template: str, name: str, tools=None, add_generation_prompt: bool = False) -> str:
+    """The conversation rendered with `template` (named `name` in messages), within RENDER_SECONDS."""
+    try:
+        with timelimit.within(RENDER_SECONDS):
+            return tokenizer.apply_chat_template(list(messages), tools=tools, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+    except timelimit.TimeUp:
+        source = f" (of {tokenizer.name_or_path})" if "tokenizer" in name and getattr(tokenizer, "name_or_path", None) else ""
+        raise TemplateTooSlow(f"{name}{source} took more than {RENDER_SECONDS} s to render one conversation: its loops run away",
+                              hint="fix the template (data.chat_template names another), or the row that makes it loop") from None
+    except FtuneError:
+        raise
+    except Exception as exc:  # the template's raise_exception, or a jinja error on this conversation's shape
+        raise TemplateFailed(f"{name} cannot render this conversation: {str(exc) or type(exc).__name__}") from None
 
 
 @dataclass(frozen=True)
@@ -116,10 +147,7 @@ def _read_template_file(value: str, base_dir: Path | None) -> str:
     except UnicodeDecodeError as exc:
         raise FtuneError(f"the chat template file is not UTF-8 text (byte {exc.start})", place=str(path)) from None
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise FtuneError(f"invalid JSON: {exc.msg}", place=f"{path} line {exc.lineno}") from None
+        data = textio.loads(text, str(path), lines=True)
         text = data.get("chat_template") if isinstance(data, dict) else None
         if not isinstance(text, str):
             raise FtuneError("a .json chat template file must hold {\"chat_template\": \"...\"} with the template as a string",
@@ -165,6 +193,8 @@ def probe_style(render, source: str) -> TemplateStyle:
 def _appears(render, needle: str) -> bool | None:
     try:
         return needle in render()
+    except TemplateTooSlow:
+        raise
     except Exception:  # jinja raises many kinds of errors for a template it cannot render
         return None
 
@@ -195,10 +225,11 @@ def end_of_turn(tokenizer, template: str, name: str, *, strict: bool = True) -> 
     problem = None
     for tools in (None, [PROBE_TOOL_SPEC]):  # some tool-use templates render nothing without tools
         try:
-            prefix = tokenizer.apply_chat_template(conversation[:1], chat_template=template, tools=tools, tokenize=False,
-                                                   add_generation_prompt=True)
-            whole = tokenizer.apply_chat_template(conversation, chat_template=template, tools=tools, tokenize=False)
+            prefix = render(tokenizer, conversation[:1], template=template, name=name, tools=tools, add_generation_prompt=True)
+            whole = render(tokenizer, conversation, template=template, name=name, tools=tools)
             break
+        except TemplateTooSlow:
+            raise
         except Exception as exc:  # jinja raises many kinds of errors for a template it cannot render
             problem = problem or exc
     else:

@@ -18,8 +18,8 @@ one, as many datasets store it) or the source's `tools:` in the recipe.
 
 from __future__ import annotations
 
-import json
-
+from ftune import textio
+from ftune.errors import FtuneError
 from ftune.data.formats import ROLE_ALIASES, BadRow, Chat, kind
 
 TOOL_ROLES = {"tool": "tool", "function": "tool", "ipython": "tool", "observation": "tool"}
@@ -34,10 +34,7 @@ def parse_tools(value, key: str = "tools") -> tuple[dict, ...]:
     if isinstance(value, str):
         if not value.strip():
             return ()
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise BadRow(f"field '{key}' is a string but not JSON: {exc.msg} (column {exc.colno})") from None
+        value = _json_text(value, f"field '{key}' is a string but not JSON")
     if not isinstance(value, list):
         raise BadRow(f"field '{key}' must be a list of function specs, not {kind(value)}")
     tools = []
@@ -150,7 +147,10 @@ def _content(value, where: str, role: str) -> str:
             raise BadRow(f"{where} has a text part whose 'text' is not a string")
         return "\n".join(texts)
     if role == "tool" and isinstance(value, (dict, list, int, float, bool)):
-        return json.dumps(value, ensure_ascii=False)  # a structured tool result, sent as the JSON text a client sends
+        try:  # a structured tool result, sent as the JSON text a client sends
+            return textio.dumps(value, ensure_ascii=False)
+        except FtuneError:
+            raise BadRow(f"{where} holds a NaN or infinite number, which JSON cannot carry") from None
     raise BadRow(f"{where} must be a string (or a list of text parts), not {kind(value)}")
 
 
@@ -176,21 +176,23 @@ def _arguments(value, where: str) -> dict:
     if value is None or (isinstance(value, str) and not value.strip()):
         return {}
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise BadRow(f"{where}.function.arguments is not valid JSON: {exc.msg} (column {exc.colno})") from None
+        value = _json_text(value, f"{where}.function.arguments is not valid JSON")
     if not isinstance(value, dict):
         raise BadRow(f"{where}.function.arguments must be a JSON object, not {kind(value)}")
     return value
 
 
+def _json_text(text: str, problem: str):
+    """JSON inside a field (tool specs, call arguments): bounded like any JSON ftune reads; a bad one is a bad row."""
+    try:
+        return textio.loads(text, "field")
+    except FtuneError as exc:
+        raise BadRow(f"{problem}: {exc.message.removeprefix('invalid JSON: ')}") from None
+
+
 def _sharegpt_calls(value, where: str) -> list[dict]:
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise BadRow(f"{where} of a function_call turn must be JSON {{\"name\", \"arguments\"}}: {exc.msg}") from None
+        value = _json_text(value, f"{where} of a function_call turn must be JSON {{\"name\", \"arguments\"}}")
     calls = value if isinstance(value, list) else [value]
     if not calls:
         raise BadRow(f"{where} of a function_call turn holds no call")

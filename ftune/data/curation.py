@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import re
 import unicodedata
 from collections import Counter
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ftune import textio
 from ftune.data.formats import Chat, Preference, Prompt, Raw
 
 # Answers containing any of these are refusals or AI disclaimers, not answers to learn from.
@@ -141,7 +141,7 @@ def _plain_text(sample) -> str:
     if isinstance(sample, Chat):
         parts = [_message_text(m) for m in sample.messages]
         if sample.tools:
-            parts.append("tools: " + json.dumps(list(sample.tools), sort_keys=True, ensure_ascii=False))
+            parts.append("tools: " + textio.canonical(list(sample.tools)))
         return "\n".join(parts)
     if isinstance(sample, Raw):
         return "\n".join(text for text, _ in sample.segments)
@@ -154,7 +154,7 @@ def _plain_text(sample) -> str:
         return "\n".join(parts)
     if isinstance(sample, Prompt):
         return "\n".join(_message_text(m) for m in sample.messages)
-    return json.dumps(sample, sort_keys=True, ensure_ascii=False, default=str)
+    return textio.canonical(sample)
 
 
 def _message_text(message: dict) -> str:
@@ -163,7 +163,7 @@ def _message_text(message: dict) -> str:
         text += f" reasoning: {message['reasoning_content']}"
     for call in message.get("tool_calls", ()):
         function = call["function"]
-        text += f" call: {function['name']}({json.dumps(function.get('arguments', {}), sort_keys=True, ensure_ascii=False)})"
+        text += f" call: {function['name']}({textio.canonical(function.get('arguments', {}))})"
     return text
 
 

@@ -41,8 +41,12 @@ def quotas(weights: list[float], total: int) -> list[int]:
     return [int(c) for c in counts]
 
 
-def plan(section: DataSection, available: list[int]) -> list[int] | None:
-    """Each source's samples per epoch, or None without weights; an impossible mixture is an error now."""
+def plan(section: DataSection, available: list[int], *, used: int | None = None) -> list[int] | None:
+    """Each source's samples per epoch, or None without weights; an impossible mixture is an error now.
+
+    `used`: at most how many of an epoch's samples the run's steps can take (training.max_steps).
+    A larger epoch is cut to that many, split by the same weights: the rest would never be trained,
+    and drawing it would hold every index in memory (2**30 of them are gigabytes)."""
     weights = weights_of(section)
     if weights is None:
         return None
@@ -58,6 +62,8 @@ def plan(section: DataSection, available: list[int]) -> list[int] | None:
                 f"but the source has {have:,}",
                 hint="set data.replacement: true to repeat its samples, lower its weight, or set a smaller data.epoch_samples",
             )
+    if used is not None and total > used:
+        counts = quotas(weights, used)
     return counts
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ftune.data import curation, encode
+from ftune import textio
+from ftune.data import cache_entry, curation, encode
 from ftune.data.build import build, default_num_proc
 from ftune.data.chat import Formatter
 from ftune.data.conversation import source_tools
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
     from ftune.recipe import DataSection, Recipe
 
 
-CACHE_VERSION = "sft-v5"
+CACHE_VERSION = "sft-v6"  # v6: meta.json records what each array must be (cache_entry)
 
 
 @dataclass
@@ -165,7 +167,7 @@ def prepare_sft(recipe: Recipe, tokenizer, formatter: Formatter, *, base_dir: Pa
     opened = [open_source(s.path, base_dir=base_dir, split=s.split, subset=s.subset, streaming=s.streaming) for s in sources]
     # The names are in the key too: the cached report's places name the files as this recipe reads them.
     key = _cache_key(recipe, tokenizer, formatter, [[o.name, o.fingerprint] for o in opened])
-    cached = _read_cache(cache_root / key) if cache_root else None
+    cached = _read_cache(cache_root / key, key, len(tokenizer)) if cache_root else None
     if cached is not None:
         return cached
     if cache_root:
@@ -190,13 +192,13 @@ def prepare_sft(recipe: Recipe, tokenizer, formatter: Formatter, *, base_dir: Pa
         report.audit = audit_labels(formatter, [train.sample(i) for i in range(min(len(train), 2000))])
         if cache_root is None:
             return _in_memory(train), _in_memory(evaluation), report
-        (target / "meta.json").write_text(json.dumps({**report.as_dict(), "examples": report.examples,
-                                                       "trained": [train.trained, evaluation.trained]}))
+        cache_entry.write_meta(target, {**report.as_dict(), "examples": report.examples, "trained": [train.trained, evaluation.trained]},
+                               key=key, version=CACHE_VERSION, vocab=len(tokenizer))
         try:
             os.rename(target, cache_root / key)
         except OSError:  # another process wrote the same entry first: theirs is the same data
             pass
-        return _read_cache(cache_root / key) or (_in_memory(train), _in_memory(evaluation), report)
+        return _read_cache(cache_root / key, key, len(tokenizer)) or (_in_memory(train), _in_memory(evaluation), report)
     finally:
         shutil.rmtree(spill, ignore_errors=True)
 
@@ -214,7 +216,7 @@ def _remove_dead_spills(root: Path) -> None:
 
 def _mark(folder: Path) -> None:
     """Say a cache folder is ftune's (the output marker), so only such a folder is ever removed."""
-    write_json(folder / OUTPUT_MARKER, {"written_by": "ftune", "what": "tokenized data cache"})
+    write_json(folder / OUTPUT_MARKER, {"written_by": "ftune", "kind": "data-cache", "what": "tokenized data cache"})
 
 
 def _remove_own(folder: Path) -> None:
@@ -355,28 +357,23 @@ def _cache_key(recipe: Recipe, tokenizer, formatter: Formatter, fingerprints: li
         "tool_template": formatter.tool_template,
         "special": [tokenizer.bos_token_id, tokenizer.eos_token_id, formatter.prepend_bos],
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    return hashlib.sha256(textio.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _read_cache(folder: Path):
-    """A cache entry's sets, memory-mapped, and its report; None when absent or damaged (it is then rebuilt)."""
-    meta = folder / "meta.json"
-    if not meta.is_file():
-        return None
+def _read_cache(folder: Path, key: str, vocab: int):
+    """A cache entry's sets, memory-mapped, and its report; None when absent or damaged.
+
+    A damaged entry (cache_entry says why: truncated, edited, ids outside this vocabulary) is
+    ftune's own file: it is removed (only when ftune's marker proves it) and rebuilt, with a
+    note naming it, instead of failing every run until someone deletes it by hand.
+    """
     try:
-        saved = json.loads(meta.read_text())
-        sets = []
-        for name, trained in zip(("train", "eval"), saved.pop("trained")):
-            ids, labels = (np.load(folder / f"{name}_{k}.npy", mmap_mode="r", allow_pickle=False) for k in ("ids", "labels"))
-            offsets = np.load(folder / f"{name}_offsets.npy", allow_pickle=False)
-            source = np.load(folder / "train_source.npy", allow_pickle=False) if name == "train" else None
-            per_sample = np.load(folder / f"{name}_trained.npy", allow_pickle=False)
-            if (len(ids) != len(labels) or int(offsets[-1]) != len(ids) or len(per_sample) != len(offsets) - 1
-                    or (source is not None and len(source) != len(offsets) - 1)):
-                raise ValueError("inconsistent arrays")
-            sets.append(Encoded(ids, labels, offsets, source, trained, per_sample))
-        report = DataReport(**saved)
-        return sets[0], sets[1], report
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        _remove_own(folder)  # ftune's own cache entry, damaged: rebuilt
+        found = cache_entry.read(folder, key=key, version=CACHE_VERSION, vocab=vocab)
+        if found is None:
+            return None
+        train, evaluation, saved = found
+        return train, evaluation, DataReport(**saved)
+    except (cache_entry.Damaged, TypeError) as exc:  # TypeError: a report of fields this version does not know
+        sys.stderr.write(f"note: the data cache entry {folder} is damaged ({exc}); rebuilding it\n")
+        _remove_own(folder)
         return None

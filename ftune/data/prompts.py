@@ -3,7 +3,8 @@ chat template and its generation prompt, tokenized, with the row's other columns
 
 A prompt longer than data.max_length - grpo.max_completion_length leaves no room for its
 completion: it is cut from the left (the question, at the end, stays) or dropped, as
-data.too_long says, and counted either way.
+data.too_long says, and counted either way. A prompt the chat template cannot render is a bad
+row, as in every stage (data.on_bad_row: error names it, skip counts it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftune.data.chat import Formatter
+from ftune.data.chat_template import TemplateFailed
 from ftune.data.pipeline import DataReport, Loaded, load_samples
 from ftune.errors import FtuneError
 from ftune.recipe import Recipe
@@ -45,16 +47,27 @@ def load_prompts(recipe: Recipe, formatter: Formatter, *, base_dir: Path) -> tup
         for split in ("train", "eval")})
     train_rows, eval_rows, report, _ = load_samples(section, base_dir=base_dir, seed=recipe.training.seed, allowed={"prompts"})
     room = recipe.data.max_length - recipe.grpo.max_completion_length
-    train = encode_prompts(formatter, train_rows, room, recipe.data.too_long, report)
+    bad_rows = recipe.data.on_bad_row
+    train = encode_prompts(formatter, train_rows, room, recipe.data.too_long, report, bad_rows)
     if len(train) == 0:
         raise FtuneError("no usable training prompts", hint="check data.max_length and grpo.max_completion_length")
-    return train, encode_prompts(formatter, eval_rows, room, recipe.data.too_long, report), report
+    return train, encode_prompts(formatter, eval_rows, room, recipe.data.too_long, report, bad_rows), report
 
 
-def encode_prompts(formatter: Formatter, loaded: Loaded, room: int, too_long: str, report: DataReport) -> PromptSet:
+def encode_prompts(formatter: Formatter, loaded: Loaded, room: int, too_long: str, report: DataReport,
+                   on_bad_row: str = "error") -> PromptSet:
     out = PromptSet()
     for prompt, place in zip(loaded.samples, loaded.places):
-        text = formatter.render(formatter.with_system(prompt.messages), add_generation_prompt=True)
+        try:
+            text = formatter.render(formatter.with_system(prompt.messages), add_generation_prompt=True)
+        except TemplateFailed as exc:  # this row's conversation: a bad row
+            if on_bad_row == "error":
+                raise FtuneError(exc.message, place=place, hint="fix the row, or set data.on_bad_row: skip") from None
+            report.skipped_count += 1
+            report.skipped.append(f"{place}: {exc.message}")
+            continue
+        except FtuneError as exc:  # the template itself (too slow): named with the row it was rendering
+            raise FtuneError(exc.message, place=exc.place or place, hint=exc.hint) from None
         ids = formatter.tokenize(text)
         if len(ids) > room:
             if too_long == "drop":

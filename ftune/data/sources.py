@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftune import textio
 from ftune.errors import FtuneError
 
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -73,8 +74,7 @@ def open_source(path: str, *, base_dir: Path, split: str = "train", subset: str 
     if local.suffix.lower() in FILE_SUFFIXES or local.exists():
         if local.is_dir():
             raise FtuneError(f"data path {local} is a directory; name a .json, .jsonl, .parquet or .csv file in it")
-        if not local.is_file():
-            raise FtuneError(f"data file {local} does not exist")
+        textio.check_regular(local, "data file")  # a FIFO or device would hang the reader
         return _open_file(local)
     return _open_hub(path, split=split, subset=subset, streaming=streaming)
 
@@ -86,20 +86,10 @@ def parse(unit: Unit, name: str, counted: str) -> Row | None:
     raw = unit.data
     place = place_of(name, counted, unit.number)
     if isinstance(raw, bytes):
-        if unit.offset == 0 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise FtuneError(f"invalid UTF-8 at byte {unit.offset + exc.start}", place=place) from None
+        raw = textio.decode(raw, place, unit.offset)
     if not raw.strip():
         return None
-    try:
-        return Row(json.loads(raw), place)
-    except json.JSONDecodeError as exc:
-        raise FtuneError(f"invalid JSON: {exc.msg} (column {exc.colno})", place=place) from None
-    except (ValueError, RecursionError) as exc:
-        raise FtuneError(f"unreadable JSON: {_json_limit(exc)}", place=place) from None
+    return Row(textio.loads(raw, place), place)
 
 
 def _open_file(path: Path) -> Opened:
@@ -135,13 +125,9 @@ def _json_units(path: Path) -> Iterator[Unit]:
 
 
 def _jsonl_units(path: Path) -> Iterator[Unit]:
-    offset = 0
-    with path.open("rb") as handle:
-        # Lines end at b"\n" only: str.splitlines would also split at U+2028, U+2029, \x85 and
-        # \x0c, which JSON allows unescaped inside a string.
-        for number, line in enumerate(handle, start=1):
-            yield Unit(number, line, offset)
-            offset += len(line)
+    # The one line reader: lines end at b"\n" only, bounded, binary refused (see textio).
+    for number, line, offset in textio.raw_lines(path, "data file"):
+        yield Unit(number, line, offset)
 
 
 def _utf8_error(path: Path) -> FtuneError:
@@ -162,28 +148,20 @@ def _read_file(path: Path, raw: bytes) -> list[Row] | None:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise _utf8_error(path) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if not text.lstrip().startswith("["):
+    if not text.lstrip().startswith("["):
+        try:
+            json.loads(text)  # one JSON document, or (most often) JSON Lines under a .json name
+        except (ValueError, RecursionError):
             return None
-        raise FtuneError(f"invalid JSON: {exc.msg}", place=f"{name} line {exc.lineno}, column {exc.colno}") from None
-    except (ValueError, RecursionError) as exc:
-        raise FtuneError(f"unreadable JSON: {_json_limit(exc)}", place=name) from None
+    data = textio.loads(text, name, lines=True)
     if not isinstance(data, list):
         raise FtuneError(f"a JSON data file must hold a list of rows, not a {type(data).__name__}", place=name)
     return [Row(item, f"{name} row {i}") for i, item in enumerate(data)]
 
 
-def _json_limit(exc: Exception) -> str:
-    if isinstance(exc, RecursionError):
-        return "nested too deeply"
-    return str(exc).split(";")[0]  # e.g. an integer of more than 4300 digits
-
-
 def _csv_units(path: Path) -> Iterator[Unit]:
     name = str(path)
-    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a long answer is not an error
+    csv.field_size_limit(textio.MAX_LINE_BYTES)  # a long answer is not an error; a 1 GiB field is
     header: list[str] | None = None
     start = 1
     # newline="": records split at real line ends only, and quoted newlines stay in their field.

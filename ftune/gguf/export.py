@@ -34,10 +34,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftune import signals, textio
 from ftune.errors import FtuneError
 from ftune.gguf import report as quant_report
 from ftune.gguf.formats import TYPES, OutputType, parse_type
-from ftune.runs import read_json_object, write_json
+from ftune.file_targets import check_file_target
+from ftune.ownership import parents_made
+from ftune.runs import RUN_FILE, read_json_object, read_run, write_json
 
 DEMO_NAME = "SmolLM2-135M-Instruct"
 
@@ -106,8 +109,10 @@ def run_types(
         raise FtuneError(f"{out} does not end in .gguf", place="--out", hint="llama.cpp, Ollama and LM Studio look for .gguf files")
     out = out.resolve()  # a symlink: the rules below apply to the file that would be replaced
     targets = output_paths(out, out_types)
+    inputs = [("the model", Path(model).expanduser())] if model != "demo" and Path(model).expanduser().exists() else []
+    inputs += [("the --data file", Path(report.data))] if report is not None and report.data is not None else []
     for target in targets.values():
-        check_outputs(target, overwrite=overwrite, verify=verify)
+        check_outputs(target, overwrite=overwrite, verify=verify, inputs=inputs)
         modelfile_target(target)  # refuses here, before the work, when no Modelfile name is free
     report_files = quant_report.check_paths(out, overwrite=overwrite) if report is not None else ()
     # Fail before minutes of conversion, not after.
@@ -119,14 +124,14 @@ def run_types(
     if report is not None:
         require_llama_cpp("--report")
     eval_data = quant_report.prepare(model, report) if report is not None else None
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     published: dict[str, Exported] = {}
     failures: list[tuple[str, Path, Path, str]] = []  # (type, parity report, rejected file, first problem)
     result = None
     # An f32 export among the types keeps a run's merge in float32 for all of them.
     merge_type = TYPES["f32"] if "f32" in targets else out_types[0]
-    with _source_model(model, out, merge_type, say) as (model_dir, name):
+    # The folders made for --out go again when the export fails before anything is in them.
+    with parents_made(out), _source_model(model, out, merge_type, say) as (model_dir, name):
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=out.parent) as work_dir:
             # One lossless conversion (the checkpoint's own precision) feeds every K-quant and is the report's reference.
             lossless_type = TYPES[source_precision(model_dir)]
@@ -156,20 +161,31 @@ def run_types(
 
                 parity = None
                 parity_file = parity_path(target)
-                remove_quietly(parity_file)  # an earlier export's report (checked above) must not describe this one
+                # Written beside the work file and published with it: a stop before then leaves an earlier export whole.
+                parity_work = Path(work_dir) / parity_file.name
                 if verify:
                     say(f"checking {target.name} with llama.cpp against transformers")
                     parity = verify_gguf(work, model_dir, out_type, reference=reference)
                     rejected = rejected_path(target)
                     parity["gguf"] = str(target if parity["passed"] else rejected)
-                    write_json(parity_file, parity)
+                    parity, nulls = textio.nulled(parity)  # a NaN difference is written as null, and said
+                    if nulls:
+                        say(textio.nulls_note(nulls))
+                    write_json(parity_work, parity)
                     say(render_report(parity))
                     if not parity["passed"]:
-                        os.replace(work, rejected)
+                        with signals.deferred():
+                            os.replace(work, rejected)
+                            os.replace(parity_work, parity_file)
                         failures.append((out_type.name, parity_file, rejected, first_problem(parity)))
                         continue
-                _fsync(work)
-                os.replace(work, target)
+                _fsync(work, target)
+                with signals.deferred():  # the file and its report go into place together
+                    os.replace(work, target)
+                    if parity is None:
+                        remove_quietly(parity_file)  # an earlier export's report (checked above) must not describe this one
+                    else:
+                        os.replace(parity_work, parity_file)
                 modelfile = write_modelfile(target, conversion.vocab)
                 size = target.stat().st_size
                 say(f"wrote {target} ({size / 2**20:.1f} MiB, {out_type.name}) and {modelfile}")
@@ -246,6 +262,8 @@ def _source_model(model: str, out: Path, out_type: OutputType, say: Callable[[st
 
         if not is_run_or_adapter(path):
             raise FtuneError(f"{path} is neither a model directory (config.json) nor an ftune run or adapter directory")
+        if (path / RUN_FILE).is_file():
+            read_run(path, expect="export-gguf")  # a policy run, whole: a damaged or reward-model run is named here
         full_model = path / "model"  # a full fine-tuning run keeps a whole model, nothing to merge
         if (full_model / "config.json").is_file():
             yield full_model, path.resolve().name
@@ -261,25 +279,17 @@ def _source_model(model: str, out: Path, out_type: OutputType, say: Callable[[st
     yield resolved, resolved.name if path.exists() else model.rsplit("/", 1)[-1]
 
 
-def check_outputs(out: Path, *, overwrite: bool, verify: bool) -> None:
-    """Refuse, before any work, to replace a file at the export's paths that ftune did not write."""
-    hint = "ftune replaces only files it wrote; choose another --out"
-    if out.is_dir():
-        raise FtuneError(f"{out} is a directory", place="--out", hint="--out names the .gguf file to write")
-    if out.exists():
-        if not written_by_ftune(out):
-            raise FtuneError(f"{out} already exists and is not a GGUF file ftune exported", place="--out", hint=hint)
-        if not overwrite:
-            raise FtuneError(f"{out} already exists", place="--out",
-                             hint="pass --overwrite to replace it (an earlier ftune export), or choose another --out")
-    report = parity_path(out)
-    if report.exists() and not _is_report(report):
-        raise FtuneError(f"{report} is in the way: the export writes its parity report there, and ftune did not write that file",
-                         place="--out", hint=hint)
-    rejected = rejected_path(out)
-    if verify and rejected.exists() and not written_by_ftune(rejected):
-        raise FtuneError(f"{rejected} is in the way: a file that fails the parity check is kept there, and ftune did not write that file",
-                         place="--out", hint=hint)
+def check_outputs(out: Path, *, overwrite: bool, verify: bool, inputs: Sequence[tuple[str, Path]] = ()) -> None:
+    """Refuse, before any work, to replace a file at the export's paths that ftune did not write
+    (the shared rule, ownership.check_file_target: never an input, never inside another artifact)."""
+    check_file_target(out, kind="gguf", ours=written_by_ftune, overwrite=overwrite, inputs=inputs,
+                      foreign="is not a GGUF file ftune exported")
+    # Its parity report and a rejected file are replaced with it, when they are ftune's.
+    check_file_target(parity_path(out), kind="gguf-parity", ours=_is_report, overwrite=True, inputs=inputs,
+                      foreign="is in the way: the export writes its parity report there, and ftune did not write that file")
+    if verify:
+        check_file_target(rejected_path(out), kind="gguf", ours=written_by_ftune, overwrite=True, inputs=inputs,
+                          foreign="is in the way: a file that fails the parity check is kept there, and ftune did not write that file")
 
 
 def written_by_ftune(path: Path) -> bool:
@@ -316,9 +326,12 @@ def _is_report(path: Path) -> bool:
     return report is not None and "gguf" in report and "passed" in report
 
 
-def _fsync(path: Path) -> None:
+def _fsync(path: Path, final: Path) -> None:
     with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+        try:
+            os.fsync(handle.fileno())
+        except OSError as exc:  # a full disk names the file being exported, not the work file (ftune.oserrors)
+            raise OSError(exc.errno, exc.strerror, str(final)) from exc
 
 
 def remove_quietly(path: Path) -> None:

@@ -8,9 +8,9 @@ style there is no TEMPLATE and Ollama falls back to guessing from the GGUF's cha
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ftune import textio
 from ftune.errors import FtuneError
 from ftune.gguf.vocab import Vocab
 from ftune.runs import atomic_file
@@ -34,7 +34,7 @@ def modelfile_text(gguf_name: str, vocab: Vocab) -> str:
     else:
         lines.append("# No TEMPLATE: the chat template matches no style ftune knows; Ollama reads the GGUF's own.")
     for stop in stop_strings(vocab):
-        lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
+        lines.append(f"PARAMETER stop {textio.dumps(stop, ensure_ascii=False)}")
     return "\n".join(lines) + "\n"
 
 

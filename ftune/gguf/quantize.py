@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+from ftune import signals
 from ftune.errors import FtuneError
 from ftune.gguf.formats import OutputType
 from ftune.gguf.verify import captured_llama_log, require_llama_cpp, worker_threads
@@ -28,7 +29,7 @@ def quantize_gguf(source: Path, target: Path, out_type: OutputType) -> None:
     params.ftype = ftype
     params.nthread = worker_threads()
     with captured_llama_log() as log:
-        status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+        status = signals.interruptible(llama_cpp.llama_model_quantize, str(source).encode(), str(target).encode(), ctypes.byref(params))
     if status != 0:
         detail = "\n".join(line for line in log if line.strip())[-600:]
         raise FtuneError(f"llama.cpp could not quantize to {out_type.name} (status {status})", hint=detail or None)

@@ -18,14 +18,15 @@ Printed as a table; saved as FILE.report.json and FILE.report.png (size vs perpl
 from __future__ import annotations
 
 import itertools
-import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftune import textio
 from ftune.errors import FtuneError
 
 DEFAULT_BUDGET = 0.05
@@ -115,8 +116,8 @@ def check_paths(out: Path, *, overwrite: bool) -> tuple[Path, Path]:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = textio.load_file(path)
+    except FtuneError:
         return None
     return data if isinstance(data, dict) else None
 
@@ -343,6 +344,9 @@ def write(report: dict, json_path: Path, png_path: Path) -> list[Path]:
     from ftune.runs import write_json
 
     write_chart(report, png_path)
+    report, nulls = textio.nulled(report)  # a NaN figure is written as null, and said
+    if nulls:
+        sys.stderr.write(textio.nulls_note(nulls) + f" in {json_path}\n")
     write_json(json_path, report | {"chart": png_path.name})
     return [json_path, png_path]
 

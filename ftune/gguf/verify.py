@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ftune import textio
 from ftune.errors import FtuneError
 from ftune.gguf.formats import LLAMACPP_INSTALL, OutputType
 from ftune.parity import GREEDY_TOKENS, greedy_continuation, held_out_prompts, render_plain
@@ -149,10 +149,10 @@ def merged_run_prompts(model_dir: Path) -> Path | None:
     from ftune.runs import EVAL_PROMPTS_FILE
 
     try:
-        source = json.loads((model_dir / MERGE_FILE).read_text(encoding="utf-8"))["source"]
+        source = textio.load_file(model_dir / MERGE_FILE, "merge file")["source"]
         prompts = Path(source) / EVAL_PROMPTS_FILE
         return prompts if prompts.is_file() else None
-    except (OSError, ValueError, KeyError, TypeError):  # not a merged model, or not one ftune described
+    except (FtuneError, OSError, ValueError, KeyError, TypeError):  # not a merged model, or not one ftune described
         return None
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ftune import textio
 from ftune.errors import FtuneError
 from ftune.gguf.templates import TemplateMatch, match_template
 
@@ -272,7 +273,7 @@ def pre_tokenizer_name(spec: dict, clean_up_spaces: bool) -> tuple[str, list[str
             pattern = part.get("pattern", {})
             steps.append(pattern.get("Regex") or pattern.get("String", ""))
         else:
-            raise FtuneError(f"pre-tokenizer step {json.dumps(part)[:120]} has no llama.cpp equivalent")
+            raise FtuneError(f"pre-tokenizer step {textio.canonical(part)[:120]} has no llama.cpp equivalent")
     if not any(p.get("type") == "ByteLevel" for p in _components(spec.get("decoder"))):
         raise FtuneError("BPE tokenizer without byte-level decoding and without byte fallback: not supported")
 
@@ -382,7 +383,8 @@ def _stop_texts(model_dir: Path, special_ids: dict[str, int], tokens: list[str])
     ids = [special_ids[k] for k in ("eot", "eos") if k in special_ids]
     config_file = Path(model_dir) / "generation_config.json"
     if config_file.is_file():
-        eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token_id")
+        config = textio.load_file(config_file, "generation config")
+        eos = config.get("eos_token_id") if isinstance(config, dict) else None
         ids += eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
     texts: list[str] = []
     for token_id in ids:

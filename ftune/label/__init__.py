@@ -31,7 +31,7 @@ class Stopped(FtuneError):
 
 def run(model_spec: str, *, prompts: Path | None, out: Path | None, options: dict, resume: bool = False,
         judge: str | None = None, decisions: Path | None = None, generate_only: bool = False,
-        trust_remote_code: bool = False, console=None, say=None) -> Session:
+        trust_remote_code: bool = False, console=None, say=None, judge_timeout: float | None = None) -> Session:
     from rich.console import Console
 
     from ftune import chat
@@ -52,7 +52,9 @@ def run(model_spec: str, *, prompts: Path | None, out: Path | None, options: dic
     target = chat.resolve(model_spec, trust_remote_code=trust_remote_code)
     model = {"spec": model_spec, "kind": target.kind, "path": str(Path(target.path).resolve()),
              "adapter": str(Path(target.adapter).resolve()) if target.adapter else None}
-    the_judge = judges.load_judge(judge) if judge else None
+    if judge_timeout is not None and not judge:
+        raise FtuneError("--judge-timeout limits the calls of a --judge function; there is none", hint="pass --judge path.py:function")
+    the_judge = judges.load_judge(judge, judge_timeout) if judge else None
     session = open_session(out, model=model, prompts=prompt_lines, prompts_file=str(prompts) if prompts else None,
                            options=options, resume=resume, say=say)
     try:
@@ -69,7 +71,11 @@ def run(model_spec: str, *, prompts: Path | None, out: Path | None, options: dic
         def generate(index: int) -> None:
             item, s = session.items[index], session.sampling
             sampling = chat.Sampling(s["max_new_tokens"], s["temperature"], s["top_p"], s["seed"] + index)
-            set_answers(item, chat.sample_answers(loaded, [{"role": "user", "content": item.prompt}], sampling, s["n"]))
+            try:
+                answers = chat.sample_answers(loaded, [{"role": "user", "content": item.prompt}], sampling, s["n"])
+            except FtuneError as exc:  # the chat template on this prompt (raises, runs away): name its line
+                raise FtuneError(exc.message, place=exc.place or f"{session.prompts_file} line {item.line}", hint=exc.hint) from None
+            set_answers(item, answers)
             session.save()
 
         with _sigterm_as_interrupt():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from ftune import textio
 from ftune.label.session import BAD, GOOD, Item, Session
 
 PREFERENCES, KTO, REPORT_MD, REPORT_JSON = "preferences.jsonl", "kto.jsonl", "report.md", "report.json"
@@ -49,15 +50,15 @@ def render(session: Session) -> dict[str, str]:
     preference_lines, kto_lines = [], []
     for item in session.items:
         for chosen, rejected in pairs(item):
-            preference_lines.append(json.dumps({"prompt": item.prompt, "chosen": item.answers[chosen],
+            preference_lines.append(textio.dumps({"prompt": item.prompt, "chosen": item.answers[chosen],
                                                 "rejected": item.answers[rejected]}, ensure_ascii=False))
         for index, label in kto_rows(item):
-            kto_lines.append(json.dumps({"prompt": item.prompt, "completion": item.answers[index], "label": label}, ensure_ascii=False))
+            kto_lines.append(textio.dumps({"prompt": item.prompt, "completion": item.answers[index], "label": label}, ensure_ascii=False))
     report = build_report(session, len(preference_lines), kto_lines)
     return {
         PREFERENCES: "".join(line + "\n" for line in preference_lines),
         KTO: "".join(line + "\n" for line in kto_lines),
-        REPORT_JSON: json.dumps(report, ensure_ascii=False, indent=2) + "\n",
+        REPORT_JSON: textio.dumps(report, ensure_ascii=False, indent=2) + "\n",
         REPORT_MD: markdown(report),
     }
 

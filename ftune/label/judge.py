@@ -1,7 +1,8 @@
 """Decisions without a person at the keys: a judge function, or a file of decisions.
 
 A judge is a Python function named on the command line as `path.py:function`, loaded from
-that file only (its folder is not put on the import path) and only when named:
+that file only (its folder is not put on the import path) and only when named. It runs in a
+worker process of its own (ftune/usercode.py), each call within --judge-timeout seconds:
 
     def judge(prompt: str, answers: list[str]):
         return ["good", "bad", None]      # a label per answer (None: leave it unlabelled);
@@ -19,15 +20,12 @@ report.json or --generate-only).
 from __future__ import annotations
 
 import difflib
-import hashlib
-import importlib.util
+import math
 import numbers
-import sys
-import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftune import textio, usercode
 from ftune.errors import FtuneError
 from ftune.label.session import BAD, GOOD, Item
 
@@ -94,10 +92,16 @@ def describe(value) -> str:
 class Judge:
     spec: str  # as given: path.py:function
     path: Path
-    function: Callable
+    code: usercode.UserCode  # the file, imported in its worker
+    name: str
+    timeout: float  # seconds a call may take
 
 
-def load_judge(spec: str) -> Judge:
+def load_judge(spec: str, timeout: float | None = None) -> Judge:
+    """The judge's file imported (in its worker) and its function found, before any session is written."""
+    timeout = usercode.DEFAULT_TIMEOUT_S if timeout is None else timeout
+    if not (math.isfinite(timeout) and 0 < timeout <= 86400):
+        raise FtuneError(f"--judge-timeout {timeout:g}: expected seconds, more than 0 and at most 86400")
     file_part, sep, name = spec.rpartition(":")
     if not sep or not file_part or not name:
         raise FtuneError(f"--judge expects path.py:function, not {spec!r}")
@@ -106,55 +110,26 @@ def load_judge(spec: str) -> Judge:
         raise FtuneError(f"judge file {path} does not exist", hint="--judge expects path.py:function")
     if not name.isidentifier():
         raise FtuneError(f"--judge names {name!r}, which is not a Python function name", place=str(path))
-    module_name = "ftune_judge_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise FtuneError("a judge must be a Python file (path.py:function)", place=str(path))
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module  # dataclasses and pickling inside the judge look their module up here
+    code = usercode.open_file(path, "the judge")
     try:
-        module_spec.loader.exec_module(module)
-    except SyntaxError as exc:
-        sys.modules.pop(module_name, None)
-        raise FtuneError(f"invalid Python: {exc.msg}", place=f"{path} line {exc.lineno}") from None
-    except Exception as exc:  # anything the user's module does on import
-        sys.modules.pop(module_name, None)
-        raise FtuneError(f"loading the judge raised {_exception(exc)}{_frames(exc, path)}", place=str(path)) from None
-    function = getattr(module, name, None)
-    if not callable(function):
-        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module_name]
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else (f"functions there: {', '.join(names)}" if names else None)
-        what = "there is no function" if function is None else "not a function:"
-        raise FtuneError(f"{what} '{name}' (from --judge {spec})", place=str(path), hint=hint)
-    return Judge(spec, path, function)
+        code.function(name, f"--judge {spec}")
+    except FtuneError as exc:
+        raise FtuneError(exc.message, place=str(path), hint=exc.hint) from None
+    return Judge(spec, path, code, name, timeout)
 
 
 def ask(judge: Judge, item: Item, place: str) -> Verdict:
     """The judge's verdict on one prompt; its failures name the function and the prompt's line."""
     try:
-        value = judge.function(item.prompt, list(item.answers))
-    except Exception as exc:
-        raise FtuneError(f"judge {judge.spec} raised {_exception(exc)}{_frames(exc, judge.path)}", place=place,
-                         hint="decisions so far are saved; fix the judge and run the same command to continue") from None
+        value = judge.code.call(judge.name, (item.prompt, list(item.answers)), {}, what=f"judge {judge.spec}", place=place,
+                                timeout=judge.timeout, limit_key="--judge-timeout")
+    except FtuneError as exc:
+        saved = "decisions so far are saved; fix the judge and run the same command to continue"
+        raise FtuneError(exc.message, place=place, hint=f"{exc.hint}; {saved}" if exc.hint else saved) from None
     verdict = interpret(value, len(item.answers))
     if isinstance(verdict, str):
         raise FtuneError(f"judge {judge.spec} returned {describe(value)}: {verdict}", place=place)
     return verdict
-
-
-def _exception(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _frames(exc: BaseException, path: Path) -> str:
-    """The traceback from the first frame in the user's file on: ftune's own frames say nothing to them."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    target = str(path.resolve())
-    start = next((i for i, frame in enumerate(frames) if str(Path(frame.filename).resolve()) == target), None)
-    if start is None:
-        return ""
-    return "\n" + "".join(traceback.format_list(frames[start:])).rstrip("\n")
 
 
 # --------------------------------------------------------------------------- decisions files
@@ -175,11 +150,13 @@ def read_decisions(path: Path, items: list[Item], prompts_file: str) -> list[Dec
     """Every decision of the file, checked against the prompts; answer counts are checked later."""
     from ftune.data.sources import read_source
 
-    if not path.is_file():
-        raise FtuneError(f"decisions file {path} does not exist")
+    textio.check_regular(path, "decisions file")  # missing, a directory, or a FIFO that would hang the read
     if path.suffix.lower() not in (".json", ".jsonl"):
         raise FtuneError("a decisions file is JSON (a list of objects) or JSON lines (.json or .jsonl)", place=str(path))
     rows, _ = read_source(str(path), base_dir=Path())  # places name the file as the user did
+    if not rows:  # an empty file is a mistake (the wrong file, a failed export), not "decide nothing"
+        raise FtuneError("the decisions file holds no decisions", place=str(path),
+                         hint="one object per prompt: {\"line\": N, \"labels\"|\"best\"|\"skip\": ...}")
     by_line = {item.line: i for i, item in enumerate(items)}
     seen: dict[int, str] = {}
     decisions = []

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ftune import textio
 from ftune.errors import FtuneError
+from ftune.label import session_check
+from ftune.ownership import make_parents, refuse_file_on_path, refuse_inside, refuse_other_kind, refuse_protected, remove_empty
 from ftune.runs import atomic_file
 
 SESSION_FILE = "label-session.json"
@@ -78,7 +80,7 @@ class Session:
                 "model": self.model, "prompts_file": self.prompts_file, "sampling": self.sampling,
                 "items": [asdict(item) for item in self.items], "history": self.history, "outputs": self.outputs}
         with atomic_file(self.path) as handle:
-            json.dump(data, handle, ensure_ascii=False, indent=1)
+            textio.dump(data, handle, ensure_ascii=False, indent=1)
             handle.write("\n")
 
     def next_open(self) -> int | None:
@@ -147,6 +149,11 @@ def open_session(out: Path, *, model: dict, prompts: list[tuple[int, str]] | Non
     if resume:
         raise FtuneError(f"there is no labelling session in {out} to resume ({SESSION_FILE} is missing)",
                          hint="leave out --resume to start one")
+    # A new session goes where any output may go: not over its prompts, nor inside a run or a merged model.
+    refuse_protected(out, inputs=[("the prompts file", Path(prompts_file))] if prompts_file else [], option="--out")
+    refuse_file_on_path(out, option="--out")
+    refuse_other_kind(out, kind="label-session", option="--out")  # a run, a merged model: named as what they are
+    refuse_inside(out, kind="label-session", option="--out")
     if out.is_dir() and any(out.iterdir()):
         raise FtuneError(f"{out} holds files that ftune did not write", hint="choose a new or empty directory for --out")
     if prompts is None:
@@ -159,23 +166,30 @@ def open_session(out: Path, *, model: dict, prompts: list[tuple[int, str]] | Non
 
 def start(session: Session) -> None:
     """Create the directory and the session file of a new session, and hold its lock."""
-    session.dir.mkdir(parents=True, exist_ok=True)
-    if session.lock is None:  # a continued session took its lock when it was opened
-        session.lock = _lock(session.dir)
-    if not session.path.exists():
-        session.save()
+    created = make_parents(session.path)  # removed again if the first save fails (a full or read-only disk)
+    try:
+        if session.lock is None:  # a continued session took its lock when it was opened
+            session.lock = _lock(session.dir)
+        if not session.path.exists():
+            session.save()
+    except BaseException:
+        if created:
+            session.close()
+            remove_empty(created)
+        raise
 
 
 def _load(out: Path) -> Session:
     path = out / SESSION_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FtuneError(f"unreadable labelling session ({exc})", place=str(path)) from None
+        data = textio.load_file(path, "labelling session")  # depth-bounded, NaN refused
+    except FtuneError as exc:
+        raise FtuneError(f"unreadable labelling session ({exc.message})", place=exc.place or str(path)) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise FtuneError("not an ftune labelling session", place=str(path), hint="choose another directory for --out")
     if data.get("version") != VERSION:
         raise FtuneError(f"a labelling session of version {data.get('version')}; this ftune reads version {VERSION}", place=str(path))
+    session_check.check(data, path, DEFAULTS)  # read back, not trusted: every field's type and range
     try:
         items = [Item(**item) for item in data["items"]]
         return Session(out, data["model"], data["prompts_file"], data["sampling"], items, data["history"], data["outputs"],

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ftune.merge.parity import TOLERANCES, _adapter_model, _device, _lower_precision
+from ftune.data.chat_template import render  # bounded in time: a template that runs away is an error naming it
 from ftune.merge.source import Source
 from ftune.parity import BUILTIN_QUESTIONS, read_prompts, render_plain
 
@@ -64,7 +65,7 @@ def _texts(tokenizer, prompts_file: Path | None) -> list[str]:
         for answer in BUILTIN_ANSWERS:
             messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             try:
-                texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+                texts.append(render(tokenizer, messages, template=None, name="the tokenizer's chat template"))
             except ValueError:  # no chat template (a base model)
                 texts.append(f"{question}\n{answer}")
     return texts

@@ -11,12 +11,12 @@ anywhere, so a flag in its run.json never decides whether Python shipped with it
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ftune import run_checks, textio
 from ftune.errors import FtuneError
 from ftune.runs import ADAPTER_DIR, CHECKPOINTS_DIR, RUN_FILE, Run, read_run
 
@@ -57,6 +57,10 @@ def read_source(source: Path, base: str | None, *, trust_remote_code: bool = Fal
     source = Path(source)
     run_dir, adapter_dir = _locate(source)
     run = read_run(run_dir) if run_dir else None
+    if run is not None:
+        run_checks.check_kind(run, "merge")
+        if run.completed and run.adapter_method != "none" and adapter_dir == run.adapter_dir and not adapter_dir.is_dir():
+            run_checks.check_adapter(adapter_dir, run_dir=run.dir)  # a finished run's adapter folder gone: damage, named
     if run is not None and run.adapter_method == "none":
         raise FtuneError(
             "nothing to merge: this run trained the whole model, not an adapter",
@@ -241,14 +245,13 @@ def config_dtype(config: dict) -> str:
 
 def read_json_object(path: Path) -> dict:
     """A JSON file that must hold an object, with a clear error naming the file otherwise."""
+    if not path.exists():
+        raise FtuneError(f"{path} does not exist")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FtuneError(f"{path} does not exist") from None
-    except UnicodeDecodeError as exc:
-        raise FtuneError(f"invalid UTF-8 at byte {exc.start}", place=str(path)) from None
-    except json.JSONDecodeError as exc:
-        raise FtuneError(f"unreadable JSON ({exc})", place=str(path)) from None
+        data = textio.load_file(path)  # depth-bounded, NaN refused: read back, not trusted
+    except FtuneError as exc:
+        raise FtuneError(f"unreadable JSON ({exc.message.removeprefix('unreadable JSON: ').removeprefix('invalid JSON: ')})",
+                         place=exc.place) from None
     if not isinstance(data, dict):
         raise FtuneError(f"expected a JSON object, not {type(data).__name__}", place=str(path))
     return data

@@ -20,7 +20,7 @@ import difflib
 from collections.abc import Callable
 from pathlib import Path
 
-from ftune import models
+from ftune import models, textio
 from ftune.errors import FtuneError
 from ftune.merge.parity import verify_parity
 from ftune.merge.plan import plan_merge
@@ -71,7 +71,7 @@ def merge_to_dir(
     if verify and src.prompts_file is not None:
         read_prompts(src.prompts_file)  # a damaged line fails now, not after the weights are written
     inputs = _inputs(src)
-    check_target(Path(out), overwrite=overwrite, inputs=inputs, option="--out")  # atomic_dir checks again when it writes
+    check_target(Path(out), kind="merged-model", overwrite=overwrite, inputs=inputs, option="--out")  # atomic_dir checks again when it writes
     rounded_base = src.quantization is not None and onto == "quantized"
 
     plan = plan_merge(src, rounded_base=rounded_base)
@@ -80,7 +80,7 @@ def merge_to_dir(
         + (" (base rounded through 4 bits, as in training)" if rounded_base else "")
         + f" as {out_dtype}: {len(plan.lora) + len(plan.ia3)} adapted weights, {len(plan.replace)} replaced"
     )
-    with atomic_dir(Path(out), overwrite=overwrite, inputs=inputs, option="--out") as tmp:
+    with atomic_dir(Path(out), kind="merged-model", overwrite=overwrite, inputs=inputs, option="--out") as tmp:
         write_weights(plan, tmp, out_dtype, max_shard_bytes, say)
         write_config(src.base_config, tmp, out_dtype, untie=bool(plan.untied), classifier=plan.classifier)
         copy_support_files(src, tmp)
@@ -88,6 +88,9 @@ def merge_to_dir(
         report: dict = {}
         if verify:
             report = (verify_scores if src.scores else verify_parity)(src, tmp, out_dtype, rounded_base=rounded_base, say=say)
+            report, nulls = textio.nulled(report)  # a NaN logit difference is written as null, and said
+            if nulls:
+                say(textio.nulls_note(nulls))
             write_json(tmp / PARITY_FILE, report)
     if report:
         say((render_scores if src.scores else render_report)(report))

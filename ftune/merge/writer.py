@@ -8,13 +8,13 @@ or the whole model (a 7B model in bf16 is 14 GB; its largest tensor, the embeddi
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ftune import textio
 from ftune.errors import FtuneError
 from ftune.merge.arithmetic import add_lora_bias, apply_ia3, apply_lora, round_through_4bit, scale_ia3_bias
 from ftune.merge.plan import Plan
@@ -71,7 +71,7 @@ def _write_safetensors(path: Path, entries: list[tuple[str, str, str]], plan: Pl
         nbytes = math.prod(plan.shapes[out_key]) * ITEMSIZE[kind]
         header[out_key] = {"dtype": kind, "shape": list(plan.shapes[out_key]), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded = textio.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # the format pads the header so tensor data starts aligned
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(encoded)))

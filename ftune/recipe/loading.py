@@ -83,7 +83,7 @@ def parse_recipe(text: str, source: str, overrides: list[str] = (), *, base_dir:
         # A misspelled required key shows up twice (unknown + missing): keep the "did you mean".
         suggested = {(*e["loc"][:-1], _suggest_key(e["loc"])) for e in errors if e["type"] == "extra_forbidden"}
         errors = [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in suggested)]
-        problems = [_describe(err, marks, override_paths) for err in errors]
+        problems = [line for err in errors for line in _describe(err, marks, override_paths)]
         raise RecipeError(sorted(dict.fromkeys(problems), key=_line_order), source) from None
     if base_dir is not None:
         problem = output_dir_problem(recipe.output.dir, base_dir)
@@ -173,9 +173,23 @@ def _apply_override(data: dict, item: str) -> tuple[tuple[str, ...], Any]:
         if not last.isdigit() or int(last) >= len(node):
             raise ValueError(f"{key} is not an index of the list there")
         node[int(last)] = value
+    elif value is None and not _accepts_null(parts):
+        # A key that cannot be null has no value to set to null: null drops it from the recipe, so
+        # its default applies (the one way to remove a key, e.g. adapter.r when switching to ia3).
+        node.pop(last, None)
     else:
         node[last] = value
     return parts, value
+
+
+def _accepts_null(parts: tuple[str, ...]) -> bool:
+    """Whether the recipe key at `parts` (list indices as digits) takes null as a value (training.max_grad_norm: null)."""
+    loc = tuple(int(p) if p.isdigit() else p for p in parts)
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(parts[-1]) if model is not None else None
+    if field is None:
+        return True  # not a key of the schema: validation names it
+    return field.annotation is type(None) or type(None) in getattr(field.annotation, "__args__", ())
 
 
 def _key_marks(root: yaml.Node | None) -> dict[tuple, tuple[int, int]]:
@@ -201,16 +215,22 @@ def _key_marks(root: yaml.Node | None) -> dict[tuple, tuple[int, int]]:
     return marks
 
 
-def _describe(err: dict, marks: dict, override_paths: dict) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("literal[", "list[", "function-"))))
-    kind = err["type"]
+def _describe(err: dict, marks: dict, override_paths: dict) -> list[str]:
+    """The problems one validation error stands for, one line each (a cross-field check finds several)."""
     ctx = err.get("ctx") or {}
-    if kind == "value_error" and isinstance(ctx.get("error"), CrossFieldError):
+    if err["type"] == "value_error" and isinstance(ctx.get("error"), CrossFieldError):
         lines = []
         for key_path, message in ctx["error"].problems:
             loc = tuple(key_path.split(".")) if isinstance(key_path, str) else key_path
             lines.append(_place(loc, marks, override_paths) + f"{'.'.join(str(p) for p in loc)}: {message}")
-        return "\n  ".join(lines)
+        return lines
+    return [_describe_one(err, marks, override_paths)]
+
+
+def _describe_one(err: dict, marks: dict, override_paths: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("literal[", "list[", "function-"))))
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
     key_path = ".".join(str(p) for p in loc) or "(top level)"
     place = _place(loc, marks, override_paths)
     if kind == "extra_forbidden":

@@ -25,6 +25,8 @@ from ftune.recipe.sections import (
     _adapter_problems,
 )
 
+MAX_EPOCH_SAMPLES = 1 << 24  # a mixture epoch's samples, drawn and batched in memory: ~1 GiB of indices and batches
+
 
 class Recipe(Section):
     stage: Literal["sft", "dpo", "rm", "grpo"] = Field(description="What this recipe trains: sft, dpo, rm (a reward model) or grpo.")
@@ -95,6 +97,15 @@ class Recipe(Section):
         for split in ("train", "eval"):
             for i, source in enumerate(getattr(self.data, split)):
                 problems += _column_problems(source, ("data", split, i, "columns"))
+        epoch, tc = self.data.epoch_samples, self.training
+        rows = (tc.max_steps * tc.batch_size * tc.gradient_accumulation_steps * self.distributed.num_processes
+                if tc.max_steps is not None else None)  # what the steps use, at most
+        if epoch is not None and epoch > MAX_EPOCH_SAMPLES and (rows is None or rows > MAX_EPOCH_SAMPLES):
+            # An epoch's sample indices are drawn and batched in memory (dozens of bytes each) before the first
+            # step; with max_steps the epoch is cut to what the steps use (steps.epoch_samples).
+            problems.append(("data.epoch_samples", f"{epoch:,} samples in one epoch would be held in memory before training "
+                             f"starts; at most {MAX_EPOCH_SAMPLES:,}: train as long with more epochs (training.epochs; each draws "
+                             "afresh), or set training.max_steps (an epoch is then cut to what the steps use)"))
         if problems:
             raise CrossFieldError(problems)
         return self
@@ -150,7 +161,7 @@ def _grpo_problems(recipe: Recipe) -> list[tuple[tuple | str, str]]:
         problems.append(("grpo.init_from", "init_from continues an adapter; adapter.method: none cannot"))
     names: dict[str, int] = {}
     for i, reward in enumerate(recipe.rewards or []):
-        for key in ("column", "pattern", "regex", "target", "function", "run"):
+        for key in ("column", "pattern", "regex", "target", "function", "timeout_s", "run"):
             if key in reward.model_fields_set and key not in REWARD_FIELDS[reward.type]:
                 users = [t for t, keys in REWARD_FIELDS.items() if key in keys]
                 problems.append((("rewards", i, key), f"'{key}' applies to type: {' or '.join(users)}, not {reward.type}"))

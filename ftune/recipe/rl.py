@@ -11,7 +11,7 @@ from ftune.recipe.sections import MAX_TOKENS, PathText, Section, _plain_path
 REWARD_TYPES = ("exact_answer", "format", "length", "json", "function", "reward_model")
 # The fields each reward type reads (besides type, weight and name): any other is an error.
 REWARD_FIELDS = {"exact_answer": ("column", "pattern"), "format": ("regex",), "length": ("target",),
-                 "json": (), "function": ("function",), "reward_model": ("run",)}
+                 "json": (), "function": ("function", "timeout_s"), "reward_model": ("run",)}
 
 
 def _regex(value: str | None) -> str | None:
@@ -65,8 +65,14 @@ class RewardSection(Section):
         "FUNCTION(prompts, completions, **columns) -> list[float | None]: prompts[i] is the prompt of completion i (the "
         "row's `prompt` text, or its messages), completions[i] the completion's text, and each other data column comes "
         "as a keyword with one value per completion (e.g. answer=[...]); accept **kwargs for the columns you do not "
-        "use. Return one number per completion, or None where this reward does not apply (it then adds 0). An "
-        "exception, a wrong count, NaN or a non-number stops the run, naming the function and the data row.",
+        "use. Return one number per completion (True and False count as 1 and 0), or None where this reward does not "
+        "apply (it then adds 0). The file runs in a worker process of its own (its prints go to stderr): an exception, "
+        "sys.exit, a crash, a wrong count, NaN, infinity, a magnitude beyond float32 (3.4e38) or a non-number stops the "
+        "run, naming the function and the data row.",
+    )
+    timeout_s: float = Field(
+        60.0, gt=0, le=86400, description="function: the most seconds one call (a step's batch of completions) may take; "
+        "a call that takes longer is stopped and stops the run, naming the function and the rows.",
     )
     run: PathText | None = Field(
         None, description="reward_model: an `ftune rm` run directory (relative to the recipe); its score of prompt + "

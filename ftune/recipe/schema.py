@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from ftune import textio
 from ftune.recipe.loading import _inner_model
 from ftune.recipe.model import Recipe
 
@@ -19,7 +20,7 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 
 def schema_json() -> str:
-    return json.dumps(Recipe.model_json_schema(), indent=2)
+    return textio.dumps(Recipe.model_json_schema(), indent=2)
 
 
 def schema_fields() -> list[tuple[str, str, str, str]]:
@@ -33,9 +34,9 @@ def schema_fields() -> list[tuple[str, str, str, str]]:
             if field.is_required():
                 default = "required"
             elif field.default_factory is not None:
-                default = "" if inner else json.dumps(field.default_factory())
+                default = "" if inner else textio.dumps(field.default_factory())
             else:
-                default = json.dumps(field.default)
+                default = textio.dumps(field.default)
             rows.append((key, _type_name(field.annotation), default, field.description or ""))
             if inner is not None:
                 walk(inner, key + ("[]." if "list[" in str(field.annotation) else "."))

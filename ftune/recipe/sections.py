@@ -140,8 +140,9 @@ class AdapterSection(Section):
         for name in sorted(self.model_fields_set, key=list(type(self).model_fields).index):
             applies = ADAPTER_FIELDS.get(name)
             if applies is not None and self.method not in applies:
-                problems.append((f"adapter.{name}", f"does not apply to method {self.method}; {name} is for "
-                                 f"{', '.join(applies)}" + (" (full fine-tuning has no adapter)" if self.method == "none" else "")))
+                problems.append((f"adapter.{name}", f"does not apply to method {self.method} ({name} is for "
+                                 f"{', '.join(applies)}" + ("; full fine-tuning has no adapter" if self.method == "none" else "")
+                                 + f"); remove it, or on the command line: --set adapter.{name}=null"))
         targets, feedforward = self.target_modules, self.feedforward_modules
         if self.method == "ia3" and feedforward and isinstance(targets, list) and not set(feedforward) <= set(targets):
             missing = sorted(set(feedforward) - set(targets))

@@ -2,27 +2,24 @@
 one guarded place every one of them is called from (`score`).
 
 Each reward scores a batch of completions with one number (or None: does not apply) each.
-A reward function that raises, returns the wrong count, NaN or something not a number stops
-the run with a message naming the function and the data row (file and line) of the prompt,
-and, for the user's own function, only its own traceback frames, never the trainer's.
+The user's own functions run in a worker process (ftune/usercode.py), a step's batch a call.
+A reward that raises, exits, hangs past rewards[i].timeout_s, returns the wrong count, NaN or
+something not a number stops the run with a message naming the function and the data row (file
+and line) of the prompt, and, for the user's own function, only its own traceback frames.
 """
 
 from __future__ import annotations
 
-import ast
-import difflib
-import importlib.util
-import json
 import math
 import re
-import sys
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftune import textio, usercode
 from ftune.errors import FtuneError
 from ftune.recipe import Recipe, RewardSection
+from ftune.usercode_worker import plain
 
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -45,7 +42,7 @@ class Reward:
     label: str  # the name in metrics and messages
     weight: float
     call: Callable[[Batch], list]  # batch -> one value per completion
-    user_file: Path | None = None  # a user's function: its file, whose frames an error shows
+    user_file: Path | None = None  # a user's function: its file (the function runs in that file's worker)
     what: str = ""  # how messages name it: "reward function 'correct' (rewards.py:correct)"
 
 
@@ -56,7 +53,7 @@ def function_file(reference: str, base_dir: Path) -> tuple[Path, str]:
 
 
 def check_rewards(recipe: Recipe, base_dir: Path, rows) -> None:
-    """Before the model loads: every function file exists and defines its function (read, not run),
+    """Before the model loads: every function file exists, imports (in its worker) and defines its function,
     every reward-model run is there, and every row has the column exact_answer reads."""
     for i, spec in enumerate(recipe.rewards):
         at = f"rewards[{i}] ({spec.label})"
@@ -65,15 +62,10 @@ def check_rewards(recipe: Recipe, base_dir: Path, rows) -> None:
             if not file.is_file():
                 raise FtuneError(f"{at}: the reward function's file {file} does not exist")
             try:
-                tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
-            except SyntaxError as exc:
-                raise FtuneError(f"{at}: {file} line {exc.lineno}: invalid Python: {exc.msg}") from None
-            except (OSError, UnicodeDecodeError) as exc:
-                raise FtuneError(f"{at}: cannot read {file}: {exc}") from None
-            names = _top_level_names(tree)
-            if name not in names:
-                close = difflib.get_close_matches(name, names, n=1)
-                raise FtuneError(f"{at}: {file} defines no function '{name}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+                code = usercode.open_file(file, file.name)
+            except FtuneError as exc:  # it does not import: the error names the file and line
+                raise FtuneError(f"{exc.message} ({at})", place=exc.place, hint=exc.hint) from None
+            code.function(name, at)  # the module as Python ran it decides what it defines (a def inside try: too)
         elif spec.type == "reward_model":
             run_dir = Path(spec.run).expanduser()
             run_dir = run_dir if run_dir.is_absolute() else base_dir / run_dir
@@ -82,16 +74,11 @@ def check_rewards(recipe: Recipe, base_dir: Path, rows) -> None:
             from ftune import runs
             from ftune.reward import reward_model_kind
 
-            meta = runs.read_json_object(run_dir / runs.RUN_FILE) if (run_dir / runs.RUN_FILE).is_file() else None
-            if meta is not None and meta.get("stage") != "rm":  # found now, not after the policy has loaded
-                raise FtuneError(f"{at}: {run_dir} is an ftune {meta.get('stage')} run, not a reward model",
-                                 hint="name an `ftune rm` run directory")
+            if (run_dir / runs.RUN_FILE).is_file():  # found now, not after the policy has loaded
+                runs.read_run(run_dir, expect="reward model", what=f"{at} (type: reward_model)")
             if reward_model_kind(run_dir) is None:
                 raise FtuneError(f"{at}: {run_dir} is not a reward model (an `ftune rm` run, a score-head adapter or a "
                                  "sequence-classification model)")
-            if meta is not None and meta.get("status") != "completed":
-                raise FtuneError(f"{at}: the reward-model run {run_dir} is not a completed run (status: {meta.get('status')})",
-                                 hint="finish it (`ftune rm RECIPE --resume`) or name a completed one")
         elif spec.type == "exact_answer":
             for prompts in rows:
                 for columns, place in zip(prompts.columns, prompts.places):
@@ -101,26 +88,16 @@ def check_rewards(recipe: Recipe, base_dir: Path, rows) -> None:
                                          hint=f"set rewards[{i}].column to the column holding the expected answer")
 
 
-def _top_level_names(tree: ast.Module) -> list[str]:
-    names = []
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.append(node.name)
-        elif isinstance(node, ast.Assign):
-            names += [t.id for t in node.targets if isinstance(t, ast.Name)]
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names += [(a.asname or a.name).split(".")[0] for a in node.names]
-    return names
-
-
 def load_rewards(recipe: Recipe, base_dir: Path, *, reward_model: Callable[[RewardSection, Path], Callable] | None = None) -> list[Reward]:
-    """The recipe's rewards, ready to call. A user's file is executed here, and only because the recipe names it."""
+    """The recipe's rewards, ready to call. A user's file runs (in its worker) only because the recipe names it."""
     out = []
-    for spec in recipe.rewards:
+    for i, spec in enumerate(recipe.rewards):
         if spec.type == "function":
             file, name = function_file(spec.function, base_dir)
-            fn = _load_function(file, name, spec.label)
-            out.append(Reward(spec.label, spec.weight, _user_call(fn), file, f"reward function '{spec.label}' ({spec.function})"))
+            what = f"reward function '{spec.label}' ({spec.function})"
+            code = usercode.open_file(file, file.name)
+            code.function(name, what)
+            out.append(Reward(spec.label, spec.weight, _user_call(code, name, what, spec.timeout_s, f"rewards[{i}].timeout_s"), file, what))
         elif spec.type == "reward_model":
             if reward_model is None:
                 raise FtuneError(f"reward '{spec.label}': reward_model rewards need a way to load an ftune rm run")
@@ -132,26 +109,9 @@ def load_rewards(recipe: Recipe, base_dir: Path, *, reward_model: Callable[[Rewa
     return out
 
 
-def _load_function(file: Path, name: str, label: str) -> Callable:
-    module_name = f"ftune_user_rewards_{abs(hash(str(file.resolve())))}"
-    spec = importlib.util.spec_from_file_location(module_name, file)
-    if spec is None or spec.loader is None:
-        raise FtuneError(f"reward function '{label}': cannot load {file} as Python")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses and pickling in the user's module look themselves up here
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # the user's module failed while loading: show its own frames only
-        raise FtuneError(f"reward function '{label}': loading {file} raised {type(exc).__name__}: {exc}"
-                         + _user_frames(exc, file)) from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise FtuneError(f"reward function '{label}': {file}'s '{name}' is a {type(fn).__name__}, not a function")
-    return fn
-
-
-def _user_call(fn: Callable) -> Callable[[Batch], list]:
-    return lambda batch: fn(batch.prompts, batch.completions, **batch.columns)
+def _user_call(code: usercode.UserCode, name: str, what: str, timeout: float, limit_key: str) -> Callable[[Batch], list]:
+    return lambda batch: code.call(name, (batch.prompts, batch.completions), batch.columns, what=what, place=_rows(batch),
+                                   timeout=timeout, limit_key=limit_key)
 
 
 def score(rewards: list[Reward], batch: Batch, group: int) -> tuple[list[float], dict[str, list[float | None]]]:
@@ -167,36 +127,16 @@ def score(rewards: list[Reward], batch: Batch, group: int) -> tuple[list[float],
 def _checked(reward: Reward, batch: Batch, group: int) -> list[float | None]:
     try:
         values = reward.call(batch)
-    except Exception as exc:  # stop signals (KeyboardInterrupt) pass through
-        place = _failing_row(reward, batch, group)
-        frames = _user_frames(exc, reward.user_file) if reward.user_file else ""
-        raise FtuneError(f"{reward.what} raised {type(exc).__name__}: {exc}{frames}", place=place,
-                         hint=None if reward.user_file else "this is a bug in ftune: please report it") from None
+    except usercode.UserCodeFailed as exc:  # the user's function raised or exited: name the prompt it fails on
+        raise FtuneError(exc.message, place=_failing_row(reward, batch, group), hint=exc.hint) from None
+    except FtuneError:
+        raise
+    except Exception as exc:  # a built-in or a reward model: stop signals (KeyboardInterrupt) pass through
+        raise FtuneError(f"{reward.what} raised {type(exc).__name__}: {exc}", place=_rows(batch),
+                         hint="this is a bug in ftune: please report it") from None
     n = len(batch.completions)
-    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__") or not hasattr(values, "__iter__"):
-        raise FtuneError(f"{reward.what} returned {type(values).__name__}, not a list of {n} numbers (one per completion)",
-                         place=_rows(batch))
-    values = list(values)
-    if len(values) != n:
-        raise FtuneError(f"{reward.what} returned {len(values)} values for {n} completions ({n // group} prompts x {group} "
-                         "generations); it must return one number (or None) per completion, in order", place=_rows(batch))
-    out: list[float | None] = []
-    for i, value in enumerate(values):
-        if value is None:
-            out.append(None)
-            continue
-        try:
-            number = float(value) if not isinstance(value, (str, bytes)) else None
-        except (TypeError, ValueError):
-            number = None
-        if number is None:
-            raise FtuneError(f"{reward.what} returned {value!r} ({type(value).__name__}) for completion {i}, not a number "
-                             "(or None)", place=batch.places[i])
-        if not math.isfinite(number):
-            raise FtuneError(f"{reward.what} returned {number} for completion {i}: a reward must be a finite number",
-                             place=batch.places[i])
-        out.append(number)
-    return out
+    return usercode.numbers(plain(values), n, reward.what, batch.places, _rows(batch),
+                            f"{n} completions ({n // group} prompts x {group} generations)")
 
 
 def _failing_row(reward: Reward, batch: Batch, group: int) -> str:
@@ -207,7 +147,7 @@ def _failing_row(reward: Reward, batch: Batch, group: int) -> str:
                     batch.tokens[part], batch.places[part])
         try:
             reward.call(one)
-        except Exception:
+        except usercode.UserCodeFailed:
             return batch.places[start]
     return _rows(batch)
 
@@ -216,19 +156,6 @@ def _rows(batch: Batch) -> str:
     places = list(dict.fromkeys(batch.places))
     shown = ", ".join(places[:3]) + (f" and {len(places) - 3} more" if len(places) > 3 else "")
     return f"the prompts of rows {shown}" if len(places) > 1 else places[0]
-
-
-def _user_frames(exc: BaseException, file: Path) -> str:
-    """The frames of the exception from the user's file on (ftune's and Python's own left out)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    target = file.resolve()
-    start = next((i for i, f in enumerate(frames) if Path(f.filename).resolve() == target), None)
-    if start is None:
-        return ""
-    libraries = tuple(str(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
-    kept = [f for f in frames[start:] if not str(Path(f.filename).resolve()).startswith(libraries) or Path(f.filename).resolve() == target]
-    lines = [f"\n  at {f.filename} line {f.lineno}, in {f.name}" + (f": {f.line.strip()}" if f.line else "") for f in kept]
-    return "".join(lines)
 
 
 # --------------------------------------------------------------------------- built-ins
@@ -293,9 +220,9 @@ def _json(spec: RewardSection, recipe: Recipe) -> Callable[[Batch], list]:
     def parses(text: str) -> float:
         text = text.strip()
         fenced = JSON_FENCE.match(text)
-        try:
-            json.loads(fenced.group(1) if fenced else text)
-        except (ValueError, RecursionError):
+        try:  # bounded: a completion nested 100,000 deep is not JSON worth a reward, nor a crash
+            textio.loads(fenced.group(1) if fenced else text, "completion")
+        except FtuneError:
             return 0.0
         return 1.0
 

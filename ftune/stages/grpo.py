@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ftune import adapters, outputs, steps, training
+from ftune import adapters, outputs, steps, textio, training
 from ftune.data.chat import IGNORE
 from ftune.data.prompts import PromptSet, load_prompts
 from ftune.progress import console
@@ -286,7 +286,7 @@ def _card_answer(completion: str, total: float, per: dict) -> str:
 
 
 def _as_bytes(value) -> torch.Tensor:
-    return torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8)
+    return torch.tensor(list(textio.dumps(value).encode()), dtype=torch.uint8)
 
 
 def _from_bytes(tensor: torch.Tensor):

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ftune import attention, checkpoints, continuing, distributed, models, outputs, runs, steps, training
+from ftune import attention, checkpoints, continuing, distributed, models, outputs, runs, steps, training, usercode
 from ftune.data.chat import formatter_for
 from ftune.errors import FtuneError, RecipeError
 from ftune.progress import Reporter, console, plot_losses, summary_table, truncate_metrics
@@ -48,6 +48,7 @@ def run_stage(stage: Stage, recipe_path: Path, overrides: Sequence[str] = (), *,
     """Train one stage from its recipe; returns the run directory."""
     recipe_path = Path(recipe_path)
     with StopRequest() as stop, contextlib.ExitStack() as held:
+        held.callback(usercode.close_all)  # the workers of the user's reward functions end with the run
         try:
             return _run(stage, recipe_path, list(overrides), stop, held, smoke=smoke, resume=resume, overwrite=overwrite)
         except KeyboardInterrupt:  # a stop while nothing was written yet
@@ -127,7 +128,7 @@ def _run(stage: Stage, recipe_path: Path, overrides: list[str], stop: StopReques
                       recipe_dict=json.loads(recipe.model_dump_json())) as reporter:
             final_eval = _steps(run, hooks, data, scorer, model, optimizer, scheduler, step_plan, reporter, agreed)
         _finish(run, hooks, data, model, tokenizer, formatter, final_eval, reporter, stop, agreed)
-    except _StopAt:
+    except (_StopAt, usercode.Stopped):  # a user function's call is abandoned before its step trains: a safe point
         _stopped(run, hooks, model, optimizer, scheduler, stop.signal_name)
     except KeyboardInterrupt:  # a second stop signal: no checkpoint now, but run.json must not stay "running"
         _stopped(run, None, model, optimizer, scheduler, stop.signal_name)
