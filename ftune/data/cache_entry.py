@@ -24,7 +24,7 @@ from ftune.data.chat import IGNORE
 from ftune.data.packing import Encoded
 from ftune.errors import FtuneError
 
-CHUNK = 1 << 24  # elements per reduction step: bounded extra memory on any entry size
+CHUNK = 1 << 22  # elements per read (16 MiB of int32): bounded extra memory on any entry size
 SPLITS = ("train", "eval")
 
 
@@ -101,12 +101,26 @@ def _load(folder: Path, name: str, arrays: dict, *, mmap: bool = False) -> np.nd
     return array
 
 
-def _within(values: np.ndarray, low: int, vocab: int, name: str) -> None:
-    """Every value of a (memory-mapped) array in [low, vocab), a chunk at a time."""
-    for start in range(0, len(values), CHUNK):
-        block = values[start: start + CHUNK]
-        if int(block.min()) < low or int(block.max()) >= vocab:
+def _within(values: np.memmap, low: int, vocab: int, name: str) -> None:
+    """Every value of a memory-mapped array in [low, vocab), read from its file a chunk at a time.
+
+    Plain reads into one chunk-sized buffer, not slices of the mapping: pages touched through
+    the mapping would stay in the process's resident set, and a million-row entry would then
+    cost its whole size in memory at every cache hit."""
+    if not isinstance(values, np.memmap):  # numpy maps no empty array: it loads it
+        if len(values) and (int(values.min()) < low or int(values.max()) >= vocab):
             raise Damaged(f"{name} holds token ids outside this tokenizer's vocabulary ({vocab})")
+        return
+    with open(values.filename, "rb") as handle:
+        handle.seek(values.offset)
+        left = len(values)
+        while left:
+            block = np.fromfile(handle, dtype=values.dtype, count=min(CHUNK, left))
+            if len(block) == 0:
+                raise Damaged(f"{name} is shorter than its header says")
+            if int(block.min()) < low or int(block.max()) >= vocab:
+                raise Damaged(f"{name} holds token ids outside this tokenizer's vocabulary ({vocab})")
+            left -= len(block)
 
 
 def _check(body: dict) -> str:
