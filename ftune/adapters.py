@@ -224,7 +224,7 @@ def describe(adapter: AdapterSection) -> str:
     return a.method + (f" ({details})" if details else "")
 
 
-# --------------------------------------------------------------------------- LoRA+
+# --------------------------------------------------------------------------- optimizer groups (weight decay, LoRA+)
 
 
 def param_groups(model, training: TrainingSection, adapter: AdapterSection | None = None) -> list[dict]:
@@ -235,6 +235,8 @@ def param_groups(model, training: TrainingSection, adapter: AdapterSection | Non
     (DoRA magnitudes, biases, norms in modules_to_save), at learning_rate x lora_plus_ratio;
     adapters on embedding layers at a fixed 1e-6; everything else (lora_A) at learning_rate.
     The scheduler scales each group's rate by the same factor, so the ratio holds all run long.
+    A group names its own `lr` only where it differs from learning_rate, which the optimizer's
+    constructor sets (training.make_optimizer): the one place the learning rate is given.
     """
     lr = training.learning_rate
     rated: dict[float, list] = {}
@@ -253,8 +255,9 @@ def param_groups(model, training: TrainingSection, adapter: AdapterSection | Non
     for rate, params in rated.items():
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        groups += [{"params": decay, "weight_decay": training.weight_decay, "lr": rate},
-                   {"params": no_decay, "weight_decay": 0.0, "lr": rate}]
+        own = {} if rate == lr else {"lr": rate}
+        groups += [{"params": decay, "weight_decay": training.weight_decay, **own},
+                   {"params": no_decay, "weight_decay": 0.0, **own}]
     return [g for g in groups if g["params"]]
 
 
