@@ -12,6 +12,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from ftune import weights
 from ftune.errors import FtuneError
 from ftune.runs import atomic_dir
 
@@ -267,6 +268,7 @@ def load_model(path: str, *, dtype, quantization=None, trust_remote_code: bool =
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     model_config(path, trust_remote_code=trust_remote_code)
+    weights.check_weights(Path(path))
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     kwargs["attn_implementation"] = "sdpa" if attn_implementation == "auto" else attn_implementation
     if quantization is not None and quantization.load_in_4bit:

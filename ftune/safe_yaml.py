@@ -91,6 +91,7 @@ def load(text: str) -> tuple[Any, yaml.Node | None]:
     Raises yaml.YAMLError for text that is not YAML, YamlRefused for the limits above.
     An empty document gives (None, None).
     """
+    _refuse_hidden_line_breaks(text)
     loader = _Loader(text)
     try:
         root = loader.get_single_node()
@@ -100,6 +101,21 @@ def load(text: str) -> tuple[Any, yaml.Node | None]:
         return loader.construct_document(root), root
     finally:
         loader.dispose()
+
+
+# YAML 1.1 (PyYAML) ends a line at these too, where an editor shows one line: a comment or a
+# value would be cut there silently and every later line number would be off by one.
+_HIDDEN_BREAKS = {"\x85": "a next-line character", "\u2028": "a line separator", "\u2029": "a paragraph separator"}
+
+
+def _refuse_hidden_line_breaks(text: str) -> None:
+    at = min((i for i in (text.find(ch) for ch in _HIDDEN_BREAKS) if i >= 0), default=-1)
+    if at < 0:
+        return
+    line, column = text.count("\n", 0, at) + 1, at - (text.rfind("\n", 0, at) + 1) + 1
+    raise YamlRefused([Problem(line, column, f"character U+{ord(text[at]):04X} ({_HIDDEN_BREAKS[text[at]]}) inside a line: "
+                                             f"YAML reads it as a line break; delete it, or write it as \\u{ord(text[at]):04X} "
+                                             "inside a double-quoted string")])
 
 
 def _check_tree(root: yaml.Node, *, expanding: bool) -> None:

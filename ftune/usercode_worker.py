@@ -48,8 +48,8 @@ def die_with_parent() -> None:
 def plain(value, depth: int = 0):
     """`value` as builtins only: numbers (numpy's and torch's scalars included) as int or float, lists and tuples
     element by element, anything else an Opaque. A bool stays a bool: the parent decides what it means."""
-    if value is None or isinstance(value, (bool, str, int, float)):
-        return value
+    if value is None or isinstance(value, (bool, str, int, float, Opaque)):  # an Opaque: already plain (the parent
+        return value                                                        # runs a worker's reply through here again)
     if hasattr(value, "__index__") and not hasattr(value, "__len__"):  # numpy's integers
         try:
             return int(value.__index__())

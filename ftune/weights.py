@@ -55,6 +55,14 @@ def tensor_index(model_dir: Path) -> dict[str, TensorInfo]:
     raise FtuneError(f"{model_dir} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})")
 
 
+def check_weights(model_dir: Path) -> None:
+    """Every safetensors file of a local model directory is whole, checked from its header before
+    a loader reads it (the safetensors library's own error for a cut-short file names no file)."""
+    model_dir = Path(model_dir)
+    if (model_dir / INDEX_FILE).is_file() or (model_dir / SINGLE_FILE).is_file():
+        tensor_index(model_dir)
+
+
 def read_header(file: Path) -> dict[str, TensorInfo]:
     """The tensors one safetensors file holds, with a clear error for a file that is not one."""
     try:
@@ -70,14 +78,18 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
                 raise ValueError(exc.message) from None
         if not isinstance(header, dict):
             raise ValueError("its header is not a JSON object")
-        tensors = {}
+        tensors, data_end = {}, 0
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
-            shape = entry["shape"]
-            if not isinstance(entry["dtype"], str) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            shape, offsets = entry["shape"], entry["data_offsets"]
+            if (not isinstance(entry["dtype"], str) or not all(isinstance(n, int) and n >= 0 for n in shape)
+                    or not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets))):
                 raise ValueError(f"tensor {name} has a malformed entry")
+            data_end = max(data_end, offsets[1])
             tensors[name] = TensorInfo(Path(file), entry["dtype"], tuple(shape))
+        if 8 + length + data_end > size:  # a copy cut short: its header is whole, its tensors are not
+            raise ValueError(f"cut short: its header describes {8 + length + data_end:,} bytes, the file holds {size:,}")
         return tensors
     except FileNotFoundError:
         raise FtuneError(f"{file} does not exist") from None

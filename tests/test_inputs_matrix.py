@@ -233,6 +233,36 @@ def test_a_fifo_or_a_directory_as_the_data_file_is_refused_not_read(command, kin
     refused(argv, ["data.jsonl", "directory" if kind == "directory" else "not a regular file"], tmp_path, monkeypatch, capsys)
 
 
+# A recipe: YAML ends a line at U+2028, U+2029 and \x85 where an editor shows one, so later line
+# numbers would be off (or a comment's tail parsed as a key); a FIFO would hang the reader.
+RECIPE_CASES = {
+    "u2028-in-a-comment": (lambda t: t.replace("stage: sft\n", "stage: sft  # a\u2028b\n"), ["line 1, column 16", "U+2028"]),
+    "u2029-in-a-value": (lambda t: t.replace("output: {dir: run}", "output: {dir: r\u2029un}"), ["line 8, column 16", "U+2029"]),
+    "nel-in-a-value": (lambda t: t.replace("output: {dir: run}", "output: {dir: r\x85un}"), ["line 8, column 16", "U+0085"]),
+    "fifo": (None, ["recipe.yaml", "not a regular file"]),
+}
+
+
+@pytest.mark.parametrize("case", RECIPE_CASES)
+@pytest.mark.parametrize("command", ["validate", "inspect", "sft", "data"])
+def test_a_recipe_with_a_hidden_line_break_or_a_fifo_is_refused_at_its_place(command, case, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    write_jsonl(tmp_path / "data.jsonl", GOOD_ROWS)
+    edit, needles = RECIPE_CASES[case]
+    if edit is None:
+        os.mkfifo(tmp_path / "recipe.yaml")
+    else:
+        (tmp_path / "recipe.yaml").write_text(edit(recipe_text(tiny_model_dir)))
+    refused([command, str(tmp_path / "recipe.yaml")], needles, tmp_path, monkeypatch, capsys)
+
+
+def test_a_huge_set_value_is_shown_cut_short_in_its_error(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    (tmp_path / "recipe.yaml").write_text(recipe_text(tiny_model_dir))
+    deep = "{a: " + "{b: " * 5000 + "1" + "}" * 5001
+    for item in ["data.eval_fraction=" + "9" * 100_000, f"training={deep}", "stage=" + "x" * 100_000]:
+        output = refused(["validate", str(tmp_path / "recipe.yaml"), "--set", item], ["characters)"], tmp_path, monkeypatch, capsys)
+        assert len(output) < 2000, output[:3000]
+
+
 # --------------------------------------------------------------------------- ftune's own files read back
 
 

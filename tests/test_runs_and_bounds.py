@@ -211,6 +211,8 @@ DAMAGE = {
                        ["adapter_model.bin", "pickle"]),
     "weights-not-safetensors": (lambda run: (run / "adapter" / "adapter_model.safetensors").write_bytes(b"PK\x03\x04 not a tensor file"),
                                 ["adapter_model.safetensors", "not a readable safetensors file"]),
+    # The header is whole, the tensors are not: safetensors' own error names no file.
+    "weights-cut-short": (_truncate("adapter/adapter_model.safetensors"), ["adapter_model.safetensors", "not a readable safetensors file"]),
 }
 # Each policy reader gets every damage; the reward-model readers too, on a damaged rm run.
 DAMAGED = [(consumer, "sft", damage) for consumer in POLICY_READERS for damage in DAMAGE] + \
@@ -224,6 +226,37 @@ def test_a_damaged_run_is_refused_with_the_file_named(consumer, kind, damage, ru
     spoil(run)
     argv = CONSUMERS[consumer](tmp_path, tiny_model_dir, run)
     refused(argv, [str(run), *needles], tmp_path, monkeypatch, capsys)
+
+
+def _cut(file: str, keep=lambda n: n // 2):
+    def damage(model: Path) -> None:
+        data = (model / file).read_bytes()
+        (model / file).write_bytes(data[: keep(len(data))])
+    return damage
+
+
+MODEL_DAMAGE = {  # a merged model (or any model folder) damaged on disk: named before transformers reads it
+    "config-cut-short": (_cut("config.json", lambda n: 40), ["config.json", "not valid JSON"]),
+    "weights-cut-in-the-header": (_cut("model.safetensors", lambda n: 5000), ["model.safetensors", "not a readable safetensors file"]),
+    "weights-cut-in-the-tensors": (_cut("model.safetensors"), ["model.safetensors", "cut short"]),
+}
+MODEL_READERS = {
+    "chat": lambda t, m: ["chat", m, "--prompt", "hi", "--max-new-tokens", "2"],
+    "eval": lambda t, m: ["eval", m, "--data", t / "data.jsonl"],
+    "label": lambda t, m: ["label", m, "--prompts", t / "prompts.txt", "--out", t / "session", "--n", "2", "--generate-only"],
+    "export-gguf": lambda t, m: ["export-gguf", m, "--out", t / "m.gguf", "--type", "f16"],
+}
+
+
+@pytest.mark.parametrize("damage", list(MODEL_DAMAGE))
+@pytest.mark.parametrize("reader", list(MODEL_READERS))
+def test_a_damaged_model_folder_is_refused_with_the_file_named(reader, damage, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    model = merged_model(tmp_path, tiny_model_dir)
+    spoil, needles = MODEL_DAMAGE[damage]
+    spoil(model)
+    write_jsonl(tmp_path / "data.jsonl", [{"instruction": "Say 1.", "output": "1"}])
+    (tmp_path / "prompts.txt").write_text("hi\n")
+    refused(MODEL_READERS[reader](tmp_path, model), [str(model), *needles], tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="making a file another user's needs root")

@@ -38,6 +38,9 @@ BODIES = {
     "float32_overflow": ("return [1e39] * {count}", ["{overflow}"]),
     "string": ("return 'excellent'", ["{string}"]),
     "wrong_count": ("return [1.0] * ({count} + 1)", ["{count_word}"]),
+    # Not sent back as they are (a worker pickles builtins only): still named by their own type.
+    "generator": ("return (v for v in {valid})", ["{generator}"]),
+    "dict": ("return dict(enumerate({valid}))", ["{dict}"]),
 }
 SURVIVES = {"forks", "prints"}
 
@@ -115,7 +118,8 @@ def test_a_reward_function_that_misbehaves(case, tmp_path, tiny_model_dir, monke
     needles = ["reward function 'score' (rewards.py:score)", "data.jsonl line "]
     needles += [n.format(fn="score", limit="rewards[0].timeout_s", huge="integer of about 401 digits",
                          overflow="1e+39 for completion 0, beyond float32's range",
-                         count_word="returned 5 values for 4 completions", string="returned str, not a list of 4 numbers")
+                         count_word="returned 5 values for 4 completions", string="returned str, not a list of 4 numbers",
+                         generator="returned generator, not a list of 4 numbers", dict="returned dict, not a list of 4 numbers")
                 for n in BODIES[case][1]]
     assert_one_line_error(code, out, err, needles)
     after = {p: rest for p, *rest in snapshot(tmp_path)}
@@ -199,7 +203,8 @@ def test_a_judge_that_misbehaves(case, tmp_path, tiny_model_dir, monkeypatch, ca
         assert all(item["decided_by"] for item in json.loads((tmp_path / "out" / SESSION_FILE).read_text())["items"])
         return
     judged = {"nan": "label 0 is nan", "huge_int": "label 0 is 1000", "float32_overflow": "label 0 is 1e+39",
-              "string": "returned 'excellent': expected a list of", "wrong_count": "labels for"}
+              "string": "returned 'excellent': expected a list of", "wrong_count": "labels for",
+              "generator": "returned <generator object", "dict": "returned {0: 'good', 1: 'good'}"}
     needles = ["judge judge.py:judge", "prompts.txt line 1"]
     needles += [judged[case]] if case in judged else [n.format(fn="judge", limit="--judge-timeout") for n in BODIES[case][1]]
     assert_one_line_error(code, out, err, needles)

@@ -41,6 +41,7 @@ from ftune.gguf.formats import TYPES, OutputType, parse_type
 from ftune.file_targets import check_file_target
 from ftune.ownership import parents_made
 from ftune.runs import RUN_FILE, read_json_object, read_run, write_json
+from ftune.weights import check_weights
 
 DEMO_NAME = "SmolLM2-135M-Instruct"
 
@@ -266,6 +267,7 @@ def _source_model(model: str, out: Path, out_type: OutputType, say: Callable[[st
             read_run(path, expect="export-gguf")  # a policy run, whole: a damaged or reward-model run is named here
         full_model = path / "model"  # a full fine-tuning run keeps a whole model, nothing to merge
         if (full_model / "config.json").is_file():
+            _check_model_dir(full_model)
             yield full_model, path.resolve().name
             return
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.merge-", dir=out.parent) as tmp:
@@ -276,7 +278,16 @@ def _source_model(model: str, out: Path, out_type: OutputType, say: Callable[[st
             yield merged, path.resolve().name
         return
     resolved = Path(resolve_model_path(model))
+    _check_model_dir(resolved)
     yield resolved, resolved.name if path.exists() else model.rsplit("/", 1)[-1]
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    """A damaged config.json or cut-short weights named here, before the parity check or the converter reads them."""
+    from ftune.models import model_config
+
+    model_config(str(model_dir))
+    check_weights(model_dir)
 
 
 def check_outputs(out: Path, *, overwrite: bool, verify: bool, inputs: Sequence[tuple[str, Path]] = ()) -> None:

@@ -27,6 +27,8 @@ def read_recipe_text(path: Path) -> str:
     source = str(path)
     if path.is_dir():
         raise RecipeError([f"{path} is a directory, not a recipe file"], source)
+    if path.exists() and not path.is_file():  # opening a FIFO would wait for a writer forever
+        raise RecipeError([f"{path} is not a regular file (a pipe, socket or device), not a recipe file"], source)
     if not path.is_file():
         raise RecipeError([f"no such recipe file: {path}"], source)
     try:
@@ -73,7 +75,7 @@ def parse_recipe(text: str, source: str, overrides: list[str] = (), *, base_dir:
             key_path, value = _apply_override(data, item)
             override_paths[key_path] = item
         except ValueError as exc:
-            problems.append(f"--set {item}: {exc}")
+            problems.append(f"--set {_clip(item)}: {_clip(str(exc))}")
     if problems:
         raise RecipeError(problems, source)
     try:
@@ -246,11 +248,16 @@ def _describe_one(err: dict, marks: dict, override_paths: dict) -> str:
         got = err.get("input")
         suggestion = difflib.get_close_matches(str(got), options, n=1, cutoff=0.5) if isinstance(got, str) else []
         hint = f"; did you mean '{suggestion[0]}'?" if suggestion else ""
-        return f"{place}{key_path}: {got!r} is not one of {', '.join(options)}{hint}"
+        return f"{place}{key_path}: {_clip(repr(got))} is not one of {', '.join(options)}{hint}"
     got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    shown = "" if isinstance(got, (dict, list)) else f" (got {_clip(repr(got))})"
     message = err["msg"].removeprefix("Value error, ")
     return f"{place}{key_path}: {message[0].lower() + message[1:]}{shown}"
+
+
+def _clip(text: str, limit: int = 400) -> str:
+    """A value as an error line shows it: a 100 KB --set value or a 5,000-deep flow mapping would bury the message."""
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text):,} characters)"
 
 
 def _place(loc: tuple, marks: dict, override_paths: dict) -> str:
@@ -258,7 +265,7 @@ def _place(loc: tuple, marks: dict, override_paths: dict) -> str:
         prefix = tuple(str(p) if not isinstance(p, int) else p for p in loc[:n])
         as_strings = tuple(str(p) for p in loc[:n])
         if as_strings in override_paths:
-            return f"--set {override_paths[as_strings]}: "
+            return f"--set {_clip(override_paths[as_strings])}: "
         if prefix in marks:
             line, column = marks[prefix][:2]
             return f"line {line}, column {column}: "
