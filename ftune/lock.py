@@ -85,7 +85,8 @@ class RunLock:
             os.fsync(fd)
         except OSError as exc:  # a full disk: the lock is not taken, and the error names the file (ftune.oserrors)
             with contextlib.suppress(OSError):
-                os.unlink(self.path)
+                if _same_file(fd, self.path):  # only the file this process created and locked, as release() does
+                    os.unlink(self.path)
             os.close(fd)
             raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         self._fd = fd
