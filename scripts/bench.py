@@ -128,7 +128,7 @@ def main() -> None:
         report["startup"] = measure_startup(args.startup_runs)
     with tempfile.TemporaryDirectory(prefix="ftune-bench-") as tmp:
         tmp = Path(tmp)
-        from ftune.models import demo_model_dir
+        from ftune.modeling.models import demo_model_dir
 
         model_dir = demo_model_dir()
         report["model"] = model_facts(model_dir)

@@ -70,8 +70,8 @@ def dpo_rows(n: int, max_length: int, model_dir: Path) -> tuple[list, str]:
 
 
 def _formatter(model_dir: Path):
-    from ftune.data.chat import make_formatter
-    from ftune.models import load_tokenizer
+    from ftune.data.rendering import make_formatter
+    from ftune.modeling.models import load_tokenizer
 
     return make_formatter(load_tokenizer(str(model_dir)))
 

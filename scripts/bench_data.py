@@ -361,7 +361,7 @@ def main() -> None:
     if not args.num_proc:
         args.num_proc = len(os.sched_getaffinity(0)) if ftune_has_num_proc() else 1
     import ftune
-    from ftune.models import demo_model_dir
+    from ftune.modeling.models import demo_model_dir
 
     model_dir = demo_model_dir()
     command = shlex.join(["python", "scripts/bench_data.py", *sys.argv[1:]])

@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--verify", action="store_true", help="also time an export with the parity check")
     args = parser.parse_args()
 
-    from ftune.models import resolve_model_path
+    from ftune.modeling.models import resolve_model_path
 
     source = Path(resolve_model_path(args.model))
     weights = sum(f.stat().st_size for f in source.glob("*.safetensors")) / 2**20

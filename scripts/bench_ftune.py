@@ -58,8 +58,8 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     import torch
 
-    from ftune import preference, progress
-    from ftune.data.chat import IGNORE
+    from ftune.train import preference, progress
+    from ftune.data.rendering import IGNORE
     from ftune.stages import dpo, sft
 
     batches: list[dict] = []
@@ -110,7 +110,7 @@ def main() -> None:
         run = rm.run
     else:
         preference.collate = counting(preference.collate)
-        from ftune.reference import ReferenceLogps
+        from ftune.train.reference import ReferenceLogps
 
         ensure = ReferenceLogps.ensure
 

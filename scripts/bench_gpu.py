@@ -75,7 +75,7 @@ def random_model(path: Path, shape: dict, *, device: str, dtype_name: str) -> in
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from ftune.models import demo_model_dir, load_tokenizer
+    from ftune.modeling.models import demo_model_dir, load_tokenizer
 
     tokenizer = load_tokenizer(str(demo_model_dir()))
     config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -116,7 +116,7 @@ def run(tmp: Path, *, tiny: bool = False) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     device, dtype = ("cpu", "float32") if tiny else ("cuda", "bfloat16")
     out: dict = {"peak": None if tiny else bf16_peak(), "runs": {}}
-    from ftune.models import demo_model_dir
+    from ftune.modeling.models import demo_model_dir
 
     rows, _ = bench.sft_rows(2000, 2048, demo_model_dir())
     data = bench.write_jsonl(tmp / "alpaca.jsonl", [row for row, _ in rows])

@@ -76,8 +76,8 @@ def child_trl(spec: dict) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from ftune.models import demo_model_dir
-    from ftune.rl.rewards import extract_answer, same_answer
+    from ftune.modeling.models import demo_model_dir
+    from ftune.stages.rl.rewards import extract_answer, same_answer
     import re
 
     rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]

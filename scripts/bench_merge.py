@@ -59,7 +59,7 @@ def demo_run(root: Path) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftune.models import demo_model_dir
+    from ftune.modeling.models import demo_model_dir
 
     base = demo_model_dir()
     model = get_peft_model(

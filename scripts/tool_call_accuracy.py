@@ -42,8 +42,8 @@ def requests(recipe, base_dir: Path, data: str | None):
 def score(spec: str, recipe, base_dir: Path, cases, max_new_tokens: int) -> tuple[int, int, list[str]]:
     import torch
 
-    from ftune import chat
-    from ftune.data.chat import formatter_for
+    from ftune.commands import chat
+    from ftune.data.rendering import formatter_for
 
     model = chat.load(chat.resolve(spec))
     formatter = formatter_for(model.tokenizer, recipe.data, base_dir=base_dir)  # the recipe's template, for base and run alike

@@ -18,7 +18,7 @@ os.environ.setdefault("FTUNE_NO_PROGRESS", "1")
 
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
-    from ftune.models import demo_model_dir as resolve
+    from ftune.modeling.models import demo_model_dir as resolve
 
     return resolve()
 
@@ -26,7 +26,7 @@ def demo_model_dir() -> Path:
 @pytest.fixture(scope="module")
 def tokenizer(demo_model_dir):
     """The demo model's real tokenizer."""
-    from ftune.models import load_tokenizer
+    from ftune.modeling.models import load_tokenizer
 
     return load_tokenizer(str(demo_model_dir))
 
@@ -34,7 +34,7 @@ def tokenizer(demo_model_dir):
 @pytest.fixture(scope="module")
 def formatter(tokenizer):
     """Its chat formatter with the tokenizer's own template."""
-    from ftune.data.chat import make_formatter
+    from ftune.data.rendering import make_formatter
 
     return make_formatter(tokenizer)
 

@@ -127,7 +127,7 @@ def refused(argv: list[str], needles: list[str], root: Path, monkeypatch, capsys
 _PAUSING = """
 import sys, time
 from pathlib import Path
-from ftune import checkpoints
+from ftune.train import checkpoints
 from ftune.cli import main
 pause_at, marker = int(sys.argv.pop(1)), Path(sys.argv.pop(1))
 save = checkpoints.save_checkpoint

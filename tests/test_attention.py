@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ftune import attention
+from ftune.modeling import attention
 
 
 def tiny(arch: str, attn: str = "sdpa", **extra):

@@ -1,4 +1,4 @@
-"""Curation: `ftune data RECIPE` and the rules in ftune/data/curation.py that training applies at load time too."""
+"""Curation: `ftune data RECIPE` and the rules in ftune/data/cleaning.py that training applies at load time too."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from helpers import assert_refused, invoke, refused, snapshot
 
-from ftune.data import curation
-from ftune.data.curation import (
+from ftune.data import cleaning
+from ftune.data.cleaning import (
     Deduper,
     Rules,
     length_reason,
@@ -164,7 +164,7 @@ def test_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
 
 
 def test_token_length_filters_count_the_rendered_sample(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    from ftune.curate import _formatter
+    from ftune.commands.curate import _formatter
     from ftune.recipe import load_recipe
 
     path = recipe(tmp_path, tiny_model_dir)
@@ -254,5 +254,5 @@ def test_nothing_to_do_is_refused_and_default_recipes_curate_nothing(tmp_path, m
 def test_the_language_codes_are_the_detectors():
     from ftune.recipe.data import LANGUAGE_CODES
 
-    identifier = curation._language_identifier()
+    identifier = cleaning._language_identifier()
     assert sorted(set(identifier.nb_classes)) == sorted(LANGUAGE_CODES)

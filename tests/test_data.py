@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ftune.data.chat import IGNORE, make_formatter
+from ftune.data.rendering import IGNORE, make_formatter
 from ftune.data.formats import (
     BadRow,
     Chat,
@@ -252,7 +252,7 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tiny_model_dir, tokenize
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftune.training import TokenLogProbs, sft_loss_sum
+    from ftune.train.training import TokenLogProbs, sft_loss_sum
 
     model = TokenLogProbs(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")).eval()
     rows = [{"instruction": f"Question {i}: what is {i} + {i}?", "output": f"It is {2 * i}." * (1 + i % 3)} for i in range(6)]

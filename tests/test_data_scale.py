@@ -18,7 +18,7 @@ from helpers import adapter, kill_9_after_checkpoint, start
 from ftune.data import build, mixture
 from ftune.data.pipeline import prepare_sft
 from ftune.errors import FtuneError
-from ftune.steps import epoch_samples
+from ftune.train.steps import epoch_samples
 
 
 def alpaca(i: int, words: int = 6) -> dict:
@@ -277,7 +277,7 @@ def test_smoke_on_a_weighted_recipe_trains_every_source(tmp_path, tiny_model_dir
 
 
 def test_trained_tokens_per_sample_are_known_without_reading_labels(tmp_path, tokenizer, formatter):
-    from ftune.data.chat import IGNORE
+    from ftune.data.rendering import IGNORE
     from ftune.data.packing import Encoded
 
     write_rows(tmp_path / "train.jsonl", [alpaca(i) for i in range(300)])

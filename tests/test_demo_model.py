@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from ftune.errors import FtuneError
-from ftune.models import demo_gguf_path, resolve_model_path
+from ftune.modeling.models import demo_gguf_path, resolve_model_path
 
 # Texts chosen to exercise the pre-tokenizer: digits, whitespace runs, newlines after
 # punctuation, unicode, code, and the chat template's special tokens.

@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ftune.distributed import accelerate_config, decoder_layer_class
+from ftune.train.distributed import accelerate_config, decoder_layer_class
 from ftune.errors import RecipeError
 from ftune.recipe import DistributedSection, parse_recipe
 

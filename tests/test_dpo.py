@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftune.data.chat import IGNORE, make_formatter
+from ftune.data.rendering import IGNORE, make_formatter
 from ftune.data.formats import convert, detect_format
 from ftune.data.pipeline import DataReport
 from ftune.errors import FtuneError
-from ftune.preference import encode_pairs, preference_loss
+from ftune.train.preference import encode_pairs, preference_loss
 from ftune.recipe import PreferenceSection
 from ftune.stages import dpo, sft
 
@@ -27,7 +27,7 @@ PAIRS = [
 
 @pytest.fixture(scope="module")
 def formatter(demo_model_dir):
-    from ftune.models import load_tokenizer
+    from ftune.modeling.models import load_tokenizer
 
     return make_formatter(load_tokenizer(str(demo_model_dir)))
 
@@ -216,9 +216,9 @@ def test_demo_sft_then_dpo_chain_prefers_courteous_answers(tmp_path, demo_sft_ru
     from transformers import AutoModelForCausalLM
 
     from ftune.data.formats import convert as to_pair
-    from ftune.models import load_tokenizer
-    from ftune.preference import sequence_logps
-    from ftune.training import TokenLogProbs
+    from ftune.modeling.models import load_tokenizer
+    from ftune.train.preference import sequence_logps
+    from ftune.train.training import TokenLogProbs
 
     tokenizer = load_tokenizer(str(run_dir / "adapter"))
     formatter = make_formatter(tokenizer)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from terminal import Terminal
 
-from ftune import chat
-from ftune.evaluate import run_eval
+from ftune.commands import chat
+from ftune.commands.evaluate import run_eval
 from ftune.stages import sft
 from tests.test_sft import make_recipe
 
@@ -206,7 +206,7 @@ def test_chat_with_the_demo_run_says_its_new_name(demo_run):
 def test_gguf_scores_like_the_model_it_holds(tmp_path):
     """The demo model is a dequantized copy of its Q4_1 GGUF: the two losses differ only by llama.cpp's arithmetic."""
     pytest.importorskip("llama_cpp")
-    from ftune.models import demo_gguf_path
+    from ftune.modeling.models import demo_gguf_path
 
     gguf = str(demo_gguf_path())
     results = run_eval(["demo", gguf], recipe_path=ROOT / "recipes/demo/sft.yaml", prompts=["What is your name?"],

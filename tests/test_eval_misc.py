@@ -244,7 +244,7 @@ def test_training_off_a_terminal_prints_one_plain_line_per_logging_step(tmp_path
 
 
 def test_metrics_jsonl_stays_valid_json_when_a_number_is_not_finite(tmp_path, capsys):
-    from ftune.progress import Reporter, read_metrics, truncate_metrics
+    from ftune.train.progress import Reporter, read_metrics, truncate_metrics
 
     def strict(line: str):
         return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl: {line}"))

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from ftune.gguf.convert import convert
-from ftune.gguf.formats import TYPES
+from ftune.gguf.quant_types import TYPES
 from ftune.gguf.verify import render_report, verify_gguf
 from ftune.gguf.vocab import LLAMA3_REGEX, QWEN2_REGEX
 

@@ -114,10 +114,10 @@ def test_python_types_need_no_llama_cpp_python_without_verification(tiny_model_d
 def test_failed_parity_keeps_the_file_aside_and_fails(tiny_model_dir, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from ftune.gguf import formats
+    from ftune.gguf import quant_types
 
-    impossible = replace(formats.TYPES["f16"], tolerance=formats.Tolerance(top1_min=1.01, kl_max=0.0, greedy_identical=True))
-    monkeypatch.setitem(formats.TYPES, "f16", impossible)
+    impossible = replace(quant_types.TYPES["f16"], tolerance=quant_types.Tolerance(top1_min=1.01, kl_max=0.0, greedy_identical=True))
+    monkeypatch.setitem(quant_types.TYPES, "f16", impossible)
     out = tmp_path / "tiny.gguf"
     result = export(str(tiny_model_dir), "--out", str(out), "--type", "f16")
     assert result.exit_code == 1

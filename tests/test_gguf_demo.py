@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ftune.gguf.formats import TYPES
+from ftune.gguf.quant_types import TYPES
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 pytest.importorskip("llama_cpp")
@@ -139,7 +139,7 @@ def test_demo_tokenizer_metadata_matches_llama_cpp_own_conversion(exported, demo
     import llama_cpp
 
     from ftune.gguf.vocab import read_vocab
-    from ftune.models import demo_gguf_path
+    from ftune.modeling.models import demo_gguf_path
 
     theirs = gguf.GGUFReader(str(demo_gguf_path())).fields
     vocab = read_vocab(Path(demo_model_dir), 49152)  # what convert writes
@@ -163,7 +163,7 @@ def test_demo_tokenizer_metadata_matches_llama_cpp_own_conversion(exported, demo
 def test_demo_tokenizes_like_the_original_gguf(exported):
     import llama_cpp
 
-    from ftune.models import demo_gguf_path
+    from ftune.modeling.models import demo_gguf_path
 
     def vocab_only(path: Path):
         return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
@@ -217,7 +217,7 @@ def test_demo_export_streams_instead_of_holding_the_model(demo_model_dir, tmp_pa
         "from pathlib import Path\n"
         "from transformers import AutoConfig, AutoTokenizer\n"
         "from ftune.gguf.convert import convert\n"
-        "from ftune.gguf.formats import TYPES\n"
+        "from ftune.gguf.quant_types import TYPES\n"
         "def peak(): return int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) // 1024\n"
         f"source = Path({str(demo_model_dir)!r})\n"
         "AutoConfig.from_pretrained(source); AutoTokenizer.from_pretrained(source)\n"

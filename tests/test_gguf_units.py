@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ftune.errors import FtuneError
-from ftune.gguf.formats import TYPES, parse_type, types_help
+from ftune.gguf.quant_types import TYPES, parse_type, types_help
 from ftune.gguf.vocab import LLAMA3_REGEX, QWEN2_REGEX, pre_tokenizer_name
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftune.rl import losses, rewards
+from ftune.stages.rl import losses, rewards
 from helpers import invoke, snapshot
 from helpers import kill_9_after_checkpoint
 
@@ -302,8 +302,8 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_di
 def test_a_packed_row_scores_each_sequence_as_alone(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from ftune import attention
-    from ftune.rl.batches import CompletionScorer, packed_row
+    from ftune.modeling import attention
+    from ftune.stages.rl.batches import CompletionScorer, packed_row
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
     scorer = CompletionScorer(model, temperature=0.7)

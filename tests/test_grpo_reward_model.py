@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftune import reward
+from ftune.modeling import reward_model
 from helpers import assert_refused, invoke, snapshot, write_jsonl
 from test_grpo import write_recipe
 from test_rm import rm_run  # noqa: F401  (the fixture: one small reward model on the tiny model)
@@ -60,7 +60,7 @@ def test_the_reward_is_the_reward_models_score_of_prompt_and_completion(tmp_path
     start = next(m for m in metrics if m["step"] == 0)["eval_reward_judge"]
     end = json.loads((run_dir / "run.json").read_text())["summary"]["eval_reward_judge"]
 
-    judge = reward.load(rm_run)
+    judge = reward_model.load(rm_run)
     for logged, adapter in ((start, None), (end, run_dir / "adapter")):  # step 0: the fresh adapter changes nothing
         completion = greedy_completion(tiny_model_dir, adapter, HELD_OUT["prompt"])
         expected = judge.score([({"role": "user", "content": HELD_OUT["prompt"]}, {"role": "assistant", "content": completion})])[0]

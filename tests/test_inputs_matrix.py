@@ -352,7 +352,7 @@ def test_a_damaged_labelling_session_is_refused_naming_the_file_and_field(damage
 def _checkpoint(tmp: Path) -> tuple[Path, tuple]:
     import torch
 
-    from ftune.checkpoints import save_checkpoint
+    from ftune.train.checkpoints import save_checkpoint
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -378,7 +378,7 @@ CHECKPOINT_DAMAGE = {
 
 @pytest.mark.parametrize("damage", CHECKPOINT_DAMAGE)
 def test_a_damaged_checkpoint_is_refused_naming_the_file(damage, tmp_path):
-    from ftune.checkpoints import load_checkpoint
+    from ftune.train.checkpoints import load_checkpoint
     from ftune.errors import FtuneError
 
     path, parts = _checkpoint(tmp_path)
@@ -393,7 +393,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(damage, tmp_path):
 
 def test_damaged_metrics_are_refused_at_their_line(tmp_path):
     from ftune.errors import FtuneError
-    from ftune.progress import read_metrics
+    from ftune.train.progress import read_metrics
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0, "note": "a\u2028b"}\n{"step": 2, "loss": null}\n')
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
@@ -426,16 +426,16 @@ def test_no_line_is_split_by_str_splitlines_in_a_reader():
 
 
 def test_a_nan_score_is_written_as_null_and_counted(rm_run, tmp_path, monkeypatch, capsys):
-    from ftune import reward
+    from ftune.modeling import reward_model
 
     write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:3])
-    real = reward.RewardModel.score_ids
+    real = reward_model.RewardModel.score_ids
 
     def some_nan(self, sequences):
         scores = real(self, sequences)
         return [float("nan") if i == 2 else float("inf") if i == 5 else s for i, s in enumerate(scores)]
 
-    monkeypatch.setattr(reward.RewardModel, "score_ids", some_nan)
+    monkeypatch.setattr(reward_model.RewardModel, "score_ids", some_nan)
     code, output = invoke(["score", str(rm_run), "--data", str(tmp_path / "pairs.jsonl")], monkeypatch, capsys)
     assert code == 0 and "+nan" not in output and "+inf" not in output, output
     assert "2 not scored" in output and "pairs.jsonl line 2" in output
@@ -448,7 +448,7 @@ def test_a_nan_score_is_written_as_null_and_counted(rm_run, tmp_path, monkeypatc
 
 
 def test_the_writer_refuses_nan_and_a_report_says_where_it_wrote_null():
-    from ftune import textio
+    from ftune.guards import textio
     from ftune.errors import FtuneError
 
     with pytest.raises(FtuneError) as caught:

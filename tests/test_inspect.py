@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ftune.inspect import MASKED, TRAINED, inspect_recipe, render_sample
+from ftune.commands.inspection import MASKED, TRAINED, inspect_recipe, render_sample
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,7 +127,7 @@ def test_masking_view_colours_trained_and_masked_tokens(tiny_model_dir):
     from rich.style import Style
     from transformers import AutoTokenizer
 
-    from ftune.data.chat import make_formatter
+    from ftune.data.rendering import make_formatter
     from ftune.data.formats import Chat
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -160,7 +160,7 @@ def test_masking_view_colours_trained_and_masked_tokens(tiny_model_dir):
 MEASURE = """
 import json, sys
 from pathlib import Path
-from ftune import training
+from ftune.train import training
 from ftune.stages import sft
 
 def status(field):
@@ -196,7 +196,7 @@ def test_memory_estimate_matches_measured_peak_of_real_training_steps(tmp_path, 
     show its cache rather than live tensors; a fixed threshold returns freed tensors at once,
     as a GPU's max_memory_allocated would count them.
     """
-    from ftune import memory
+    from ftune.modeling import memory
 
     overrides = ["training.batch_size=2", "data.max_length=128", "training.max_steps=2", "training.eval_steps=null",
                  "training.save_steps=null", "evaluation.prompts=[]", "evaluation.max_eval_samples=2", f"output.dir={tmp_path / 'run'}"]

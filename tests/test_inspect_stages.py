@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from ftune.data.chat import IGNORE
-from ftune.inspect import inspect_recipe
+from ftune.data.rendering import IGNORE
+from ftune.commands.inspection import inspect_recipe
 from helpers import assert_refused, invoke, snapshot, write_jsonl
 from test_grpo import PROMPTS, write_recipe
 from test_rm import rm_recipe

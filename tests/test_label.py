@@ -13,7 +13,7 @@ import pytest
 from terminal import Terminal
 from helpers import invoke
 
-from ftune.label.session import SESSION_FILE
+from ftune.commands.label.session import SESSION_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = 'What is the capital of Peru?\n\n{"prompt": "Name a colour."}\nSay hello.\n'  # prompts on lines 1, 3 and 4
@@ -260,7 +260,7 @@ def decisions_file(tmp: Path, lines: list, name: str = "d.jsonl") -> str:
 
 def existing_session(tmp: Path, model: Path, then=None) -> Path:
     """A finished judge session in tmp/out, made before the command under test."""
-    from ftune import label
+    from ftune.commands import label
 
     label.run(str(model), prompts=tmp / "prompts.txt", out=tmp / "out", options={"n": 3, "max_new_tokens": 6},
               judge=f"{tmp / 'judge.py'}:judge", say=lambda _: None)

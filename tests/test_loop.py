@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftune import steps
+from ftune.train import steps
 from ftune.recipe import parse_recipe
 from ftune.stages import dpo, sft
 from helpers import invoke, snapshot, write_jsonl
@@ -45,7 +45,7 @@ def write_recipe(folder: Path, model: Path, *, stage: str = "sft", rows=None, tr
 
 
 def no_model_loading(monkeypatch) -> None:
-    from ftune import training
+    from ftune.train import training
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded: the recipe error came too late")
@@ -173,11 +173,11 @@ cli.main()
 # where -> (function paused, which call, seconds, signals, what a stop there leaves)
 PHASES = {
     "data-prep": ("ftune.stages.sft.prepare_sft", 1, 120, ["SIGTERM"], "nothing"),
-    "model-load": ("ftune.training.build_model", 1, 120, ["SIGINT"], "nothing"),
-    "baseline-eval": ("ftune.training.sft_eval", 1, 5, ["SIGTERM"], "nothing"),
-    "eval-at-step-3": ("ftune.training.sft_eval", 2, 5, ["SIGTERM"], "checkpoint"),
-    "sample-answers": ("ftune.outputs.generate_samples", 1, 5, ["SIGINT"], "checkpoint"),
-    "second-ctrl-c": ("ftune.training.sft_loss_sum", 12, 120, ["SIGINT", "SIGINT"], "interrupted"),
+    "model-load": ("ftune.train.training.build_model", 1, 120, ["SIGINT"], "nothing"),
+    "baseline-eval": ("ftune.train.training.sft_eval", 1, 5, ["SIGTERM"], "nothing"),
+    "eval-at-step-3": ("ftune.train.training.sft_eval", 2, 5, ["SIGTERM"], "checkpoint"),
+    "sample-answers": ("ftune.train.outputs.generate_samples", 1, 5, ["SIGINT"], "checkpoint"),
+    "second-ctrl-c": ("ftune.train.training.sft_loss_sum", 12, 120, ["SIGINT", "SIGINT"], "interrupted"),
 }
 
 
@@ -220,9 +220,9 @@ def test_a_stop_signal_is_honoured_wherever_the_run_is(phase, tmp_path, tiny_mod
 
 
 def test_a_loss_that_turns_nan_fails_the_run_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    from ftune import training
+    from ftune.train import training
 
-    from ftune import progress
+    from ftune.train import progress
 
     recipe = write_recipe(tmp_path, tiny_model_dir, training="learning_rate: 2.0e-2, batch_size: 2, max_steps: 6, save_steps: 2")
     original, log, poison = training.sft_loss_sum, progress.Reporter.log, []
@@ -280,8 +280,8 @@ def test_a_short_dpo_run_scores_only_the_pairs_it_trains_on(adapter, tmp_path, t
 
 @pytest.mark.parametrize("start", ["fresh-adapter", "sft-run"])
 def test_a_resumed_dpo_run_equals_an_uninterrupted_one(start, tmp_path, tiny_model_dir, monkeypatch):
-    from ftune import progress
-    from ftune.stopping import Interrupted
+    from ftune.train import progress
+    from ftune.train.stopping import Interrupted
 
     extra = ""
     if start == "sft-run":  # the reference is a frozen copy of the SFT adapter

@@ -131,7 +131,7 @@ def test_trust_remote_code_comes_from_the_command_line(run, monkeypatch):
     assert read_source(run, None).trust_remote_code is False
     assert read_source(run, None, trust_remote_code=True).trust_remote_code is True
 
-    import ftune.merge.stage as stage
+    import ftune.merge.command as stage
 
     seen = {}
 
@@ -253,19 +253,19 @@ def test_damaged_eval_prompts_are_named_by_line(tmp_path, run, monkeypatch, caps
 
 
 def test_merge_and_gguf_share_one_tolerance_and_one_prompt_set():
-    from ftune import parity
-    from ftune.gguf import formats, verify
+    from ftune.modeling import compare
+    from ftune.gguf import quant_types, verify
     from ftune.merge import parity as merge_parity
 
-    assert formats.Tolerance is parity.Tolerance is merge_parity.Tolerance
-    assert all(isinstance(t, parity.Tolerance) for t in merge_parity.TOLERANCES.values())
-    assert verify.GREEDY_TOKENS == merge_parity.GREEDY_TOKENS == parity.GREEDY_TOKENS
+    assert quant_types.Tolerance is compare.Tolerance is merge_parity.Tolerance
+    assert all(isinstance(t, compare.Tolerance) for t in merge_parity.TOLERANCES.values())
+    assert verify.GREEDY_TOKENS == merge_parity.GREEDY_TOKENS == compare.GREEDY_TOKENS
 
 
 def test_held_out_prompts_come_from_the_run_and_fall_back_to_built_in(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from ftune.parity import BUILTIN_QUESTIONS, held_out_prompts, prompt_texts
+    from ftune.modeling.compare import BUILTIN_QUESTIONS, held_out_prompts, prompt_texts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     builtin = prompt_texts(tokenizer, None)
@@ -294,7 +294,7 @@ def test_gguf_parity_uses_the_held_out_prompts_of_the_run_a_merge_came_from(tmp_
 def test_safetensors_index_reader_reads_headers_only(tmp_path, tiny_model_dir):
     from safetensors import safe_open
 
-    from ftune.weights import tensor_index
+    from ftune.modeling.weights import tensor_index
 
     index = tensor_index(Path(tiny_model_dir))
     with safe_open(Path(tiny_model_dir) / "model.safetensors", framework="pt") as handle:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ftune import runs
+from ftune.artifacts import runs
 from helpers import GOOD_ROWS, PAIRS, assert_refused, invoke, recipe_text, setup, sft_run_dir, snapshot, write_jsonl
 
 
@@ -165,7 +165,7 @@ def trained_run(tmp: Path, model: Path, monkeypatch, capsys, *flags: str) -> lis
 
 
 def test_overwrite_replaces_an_ftune_run_and_deletes_the_old_one_only_after(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    from ftune import outputs
+    from ftune.train import outputs
 
     argv = trained_run(tmp_path, tiny_model_dir, monkeypatch, capsys)
     run_dir = tmp_path / "run"
@@ -189,7 +189,7 @@ def test_overwrite_replaces_an_ftune_run_and_deletes_the_old_one_only_after(tmp_
 
 
 def test_a_crash_while_replacing_leaves_the_old_run_as_it_was(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    from ftune import outputs
+    from ftune.train import outputs
 
     argv = trained_run(tmp_path, tiny_model_dir, monkeypatch, capsys)
     before = snapshot(tmp_path)
@@ -230,7 +230,7 @@ def test_smoke_replaces_its_own_earlier_smoke_run(tmp_path, tiny_model_dir, monk
 
 
 def hold_lock(run_dir: Path) -> subprocess.Popen:
-    code = f"import time; from ftune.runs import RunLock; RunLock({str(run_dir)!r}).acquire(); print('held', flush=True); time.sleep(300)"
+    code = f"import time; from ftune.artifacts.runs import RunLock; RunLock({str(run_dir)!r}).acquire(); print('held', flush=True); time.sleep(300)"
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
     assert holder.stdout.readline().strip() == "held"
     return holder
@@ -264,7 +264,7 @@ def test_a_stale_lock_of_a_killed_process_is_taken_over(tmp_path, tiny_model_dir
 
 def test_processes_started_by_the_launcher_use_its_lock(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    child = ("import os; from ftune.runs import RunLock; lock = RunLock(os.environ['RUN_DIR']).acquire(); "
+    child = ("import os; from ftune.artifacts.runs import RunLock; lock = RunLock(os.environ['RUN_DIR']).acquire(); "
              "print(lock.inherited); lock.release()")
     with runs.RunLock(run_dir) as lock:
         env = {**os.environ, "RUN_DIR": str(run_dir), "FTUNE_LAUNCHED": "1"}  # what `accelerate launch` children see

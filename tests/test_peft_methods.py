@@ -103,8 +103,8 @@ def plain_peft_logps(adapter_dir: Path, samples: list[list[int]]) -> torch.Tenso
 def test_each_method_trains_and_plain_peft_reloads_it_with_ftunes_log_probs(trained, tiny_model_dir, method):
     from transformers import AutoModelForCausalLM
 
-    from ftune import adapters
-    from ftune.training import TokenLogProbs
+    from ftune.modeling import adapters
+    from ftune.train.training import TokenLogProbs
 
     run_dir = trained[method]
     evals = [r["eval_loss"] for r in metrics(run_dir) if "eval_loss" in r]
@@ -132,7 +132,7 @@ def test_generation_with_virtual_tokens_continues_as_the_forward_pass_predicts(t
     tuning: the base model's answer); ftune's loaded adapters generate what the forward pass predicts."""
     from transformers import AutoModelForCausalLM
 
-    from ftune import adapters
+    from ftune.modeling import adapters
 
     model = adapters.load(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), trained[method] / "adapter").eval()
     ids = torch.tensor([[1, 520, 3012, 314, 253, 2214, 30, 198, 42, 1004]])
@@ -286,7 +286,7 @@ def test_inspect_counts_the_trainable_parameters_peft_counts(tmp_path, tiny_mode
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ftune.adapters import peft_config
+    from ftune.modeling.adapters import peft_config
     from ftune.recipe import load_recipe
 
     recipe = write_recipe(tmp_path, tiny_model_dir, method)
@@ -321,10 +321,10 @@ def test_activation_estimate_matches_what_autograd_keeps(tiny_model_dir, name):
     methods train on padded rows, so the second row is padded (attention then runs with a mask)."""
     from transformers import AutoModelForCausalLM
 
-    from ftune import adapters, memory
-    from ftune.models import model_config
+    from ftune.modeling import adapters, memory
+    from ftune.modeling.models import model_config
     from ftune.recipe import parse_recipe
-    from ftune.training import TokenLogProbs
+    from ftune.train.training import TokenLogProbs
 
     recipe = parse_recipe(f"stage: sft\nbase_model: {{name: {tiny_model_dir}}}\ndata:\n  train: [{{path: d.jsonl}}]\n  max_length: 64\n"
                           f"  packing: false\noutput: {{dir: run}}\n{ESTIMATED_METHODS[name]}", "recipe.yaml")
@@ -366,9 +366,9 @@ def test_lora_plus_learning_rates_are_peft_create_loraplus_optimizers(tiny_model
     from peft.optimizers import create_loraplus_optimizer
     from transformers import AutoModelForCausalLM
 
-    from ftune.adapters import lora_config
+    from ftune.modeling.adapters import lora_config
     from ftune.recipe import AdapterSection, TrainingSection
-    from ftune.training import make_optimizer, make_scheduler
+    from ftune.train.training import make_optimizer, make_scheduler
 
     adapter = AdapterSection(method="lora_plus", r=4, alpha=8, lora_plus_ratio=4.0,
                              target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["norm"])

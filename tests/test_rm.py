@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from ftune import reward
-from ftune.data.chat import IGNORE
+from ftune.modeling import reward_model
+from ftune.data.rendering import IGNORE
 from ftune.data.packing import Encoded
 from helpers import invoke, snapshot, write_jsonl
 from helpers import adapter, kill_9_after_checkpoint, start
@@ -68,13 +68,13 @@ def alone(model, sequences: list[list[int]]) -> list[float]:
 def test_the_loss_is_bradley_terry_with_margin_and_centering():
     chosen, rejected = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([0.0, 0.5, 2.5])
     margins, center = torch.tensor([0.5, 0.0, 1.0]), 0.1
-    got = reward.pair_losses(chosen, rejected, margins, center)
+    got = reward_model.pair_losses(chosen, rejected, margins, center)
     expected = [math.log1p(math.exp(-(c - r - m))) + center * (c + r) ** 2
                 for c, r, m in zip(chosen.tolist(), rejected.tolist(), margins.tolist())]
     torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-6, atol=1e-6)
-    plain = reward.pair_losses(chosen, rejected)  # no margin, no centering: -log sigmoid(r_c - r_r)
+    plain = reward_model.pair_losses(chosen, rejected)  # no margin, no centering: -log sigmoid(r_c - r_r)
     torch.testing.assert_close(plain, -torch.nn.functional.logsigmoid(chosen - rejected))
-    figures = reward.pair_figures(chosen, rejected)
+    figures = reward_model.pair_figures(chosen, rejected)
     assert figures["reward_accuracy"] == (1.0, 3.0)  # only the first pair prefers chosen
     assert figures["reward_margin"][0] == pytest.approx(1.0 - 1.0 - 0.5)
     assert figures["reward_mean"] == (pytest.approx(5.5), 6.0)
@@ -83,8 +83,8 @@ def test_the_loss_is_bradley_terry_with_margin_and_centering():
 def test_the_read_position_is_the_last_token_that_is_not_the_pad_token():
     data = Encoded.from_lists([(ids, [IGNORE] * len(ids)) for ids in ([5, 6, 2, 198], [5, 6, 2], [2, 2], [7])])
     places = [(0, 0), (0, 4), (1, 0), (1, 2)]
-    assert reward.read_positions(data, [0, 1, 2, 3], places, 10, pad_id=2).tolist() == [3, 5, 10, 12]
-    assert reward.read_positions(data, [1], [(0, 0)], 10, pad_id=None).tolist() == [2]  # no pad token: the last one
+    assert reward_model.read_positions(data, [0, 1, 2, 3], places, 10, pad_id=2).tolist() == [3, 5, 10, 12]
+    assert reward_model.read_positions(data, [1], [(0, 0)], 10, pad_id=None).tolist() == [2]  # no pad token: the last one
 
 
 def test_the_reward_is_read_where_transformers_reads_it_for_padded_and_packed_rows(tiny_model_dir):
@@ -111,7 +111,7 @@ def test_the_reward_is_read_where_transformers_reads_it_for_padded_and_packed_ro
         assert padded == pytest.approx(expected, abs=1e-4), side
     data = Encoded.from_lists([(s, [IGNORE] * len(s)) for s in sequences])
     with torch.no_grad():
-        packed = reward.sequence_rewards(reward.SequenceRewards(model), data, [0, 1, 2, 3], max_length=32, pad_id=pad,
+        packed = reward_model.sequence_rewards(reward_model.SequenceRewards(model), data, [0, 1, 2, 3], max_length=32, pad_id=pad,
                                          read_pad_id=pad, device="cpu")
     assert packed.tolist() == pytest.approx(expected, abs=1e-4)
 
@@ -135,7 +135,7 @@ def test_a_run_learns_and_records_its_figures(rm_run):
 
 def test_the_adapter_loads_in_plain_peft_and_scores_as_ftune_does(rm_run):
     texts = [json.loads(line)["text"] for line in (rm_run / "eval_prompts.jsonl").read_text().splitlines()]
-    scorer = reward.load(rm_run)
+    scorer = reward_model.load(rm_run)
     sequences = [scorer.formatter.tokenize(text) for text in texts]
     assert len(sequences) == 8  # eval_prompts.jsonl: 4 held-out pairs, whole
     model = plain_model(rm_run)
@@ -194,7 +194,7 @@ def test_merge_writes_a_plain_classification_model_that_scores_as_the_adapter(rm
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert merged.config.architectures == ["LlamaForSequenceClassification"] and merged.num_labels == 1
     texts = [json.loads(line)["text"] for line in (rm_run / "eval_prompts.jsonl").read_text().splitlines()]
-    scorer = reward.load(rm_run)
+    scorer = reward_model.load(rm_run)
     sequences = [scorer.formatter.tokenize(text) for text in texts]
     assert alone(merged, sequences) == pytest.approx(scorer.score_ids(sequences), abs=1e-4)
 
@@ -231,7 +231,7 @@ def test_init_from_an_sft_run_starts_from_its_adapter(tmp_path, tiny_model_dir, 
     assert invoke(["sft", str(tmp_path / "sft.yaml")], monkeypatch, capsys)[0] in (0, None)
     sft_adapter = tmp_path / "sft-run" / "adapter"
     recipe = rm_recipe(tmp_path, tiny_model_dir, rm="{init_from: sft-run}", training="max_steps: 1, batch_size: 4")
-    model = reward.build_model(load_recipe(recipe), str(tiny_model_dir), torch.float32, adapter_from=sft_adapter)
+    model = reward_model.build_model(load_recipe(recipe), str(tiny_model_dir), torch.float32, adapter_from=sft_adapter)
     trained = load_file(sft_adapter / "adapter_model.safetensors")
     state = {k.replace(".default", ""): v for k, v in model.state_dict().items()}
     assert trained and all(torch.equal(state[k], v) for k, v in trained.items())  # every SFT weight, unchanged
@@ -246,7 +246,7 @@ def test_full_fine_tuning_saves_a_plain_classification_model(tmp_path, tiny_mode
     recipe = rm_recipe(tmp_path, tiny_model_dir, extra="adapter: {method: none}\n", training="max_steps: 2, batch_size: 4")
     assert invoke(["rm", str(recipe)], monkeypatch, capsys)[0] in (0, None)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model").eval()
-    scorer = reward.load(tmp_path / "run")
+    scorer = reward_model.load(tmp_path / "run")
     sequences = [[5, 6, 7, 8], [9, 10, 11]]
     assert alone(model, sequences) == pytest.approx(scorer.score_ids(sequences), abs=1e-4)
 
@@ -259,7 +259,7 @@ def test_smoke_runs_with_each_adapter_kind_into_its_own_directory(adapter, tmp_p
     assert code in (0, None), output
     meta = json.loads((tmp_path / "run-smoke" / "run.json").read_text())
     assert meta["status"] == "completed" and meta["global_step"] == 3 and not (tmp_path / "run").exists()
-    scorer = reward.load(tmp_path / "run-smoke")
+    scorer = reward_model.load(tmp_path / "run-smoke")
     assert all(math.isfinite(r) for r in scorer.score_ids([[5, 6, 7], [8, 9]]))
 
 
@@ -369,8 +369,8 @@ def test_the_demo_recipe_lifts_held_out_accuracy(tmp_path, demo_model_dir):
 
 
 def test_unlabelled_sequences_go_to_eval_prompts_whole():
-    from ftune.preference import PairSet
+    from ftune.train.preference import PairSet
 
-    pairs = reward.first_pairs(PairSet(Encoded.from_lists([([1, 2, 3], [IGNORE, 2, 3]), ([1, 4], [IGNORE, 4])])), 1)
-    (ids, labels), (ids2, _) = list(reward.whole_sequences(pairs))
+    pairs = reward_model.first_pairs(PairSet(Encoded.from_lists([([1, 2, 3], [IGNORE, 2, 3]), ([1, 4], [IGNORE, 4])])), 1)
+    (ids, labels), (ids2, _) = list(reward_model.whole_sequences(pairs))
     assert ids.tolist() == [1, 2, 3] and np.all(labels == IGNORE) and ids2.tolist() == [1, 4]

@@ -321,7 +321,7 @@ def test_an_include_that_is_no_folder_is_named(case, tiny_model_dir, tmp_path, m
 
 @needs_lm_eval
 def test_function_tags_are_read_and_never_run_by_the_check(tmp_path):
-    from ftune.lm_eval_tasks import check_include
+    from ftune.commands.lm_eval_tasks import check_include
 
     folder = _include(tmp_path, {"good.yaml": GOOD_TASK, "utils.py": "open(__file__ + '.ran', 'w')\ndef process_docs(d):\n    return d\n"})
     check_include(folder)  # no error: lm-eval's !function tag is valid

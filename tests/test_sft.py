@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftune.errors import FtuneError
-from ftune.stopping import Interrupted
+from ftune.train.stopping import Interrupted
 from ftune.stages import sft
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +131,7 @@ def test_pissa_adapter_is_saved_as_a_plain_lora_for_the_original_base(tmp_path, 
 
 def interrupt_at(monkeypatch, step: int) -> None:
     """Send the process a real SIGINT when the loop logs `step`."""
-    from ftune import progress
+    from ftune.train import progress
 
     original = progress.Reporter.log
 
@@ -230,7 +230,7 @@ def test_cli_bad_data_is_reported_with_its_place(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_demo_recipe_teaches_the_identity(demo_sft_run):
     """The shipped demo: eval loss falls, and the tuned model answers as Marlin where the base does not."""
-    from ftune.models import demo_model_dir
+    from ftune.modeling.models import demo_model_dir
 
     run_dir = demo_sft_run
     evals = [r["eval_loss"] for r in metrics(run_dir) if "eval_loss" in r]

@@ -89,7 +89,7 @@ def score(phase, tmp, markers, model, runs, monkeypatch, capsys) -> Case:
     write_jsonl(tmp / "pairs.jsonl", PAIRS)
     argv = ["score", runs["rm"], "--data", tmp / "pairs.jsonl", "--out", tmp / "out" / "scored.jsonl"]
     before(argv, monkeypatch, capsys)
-    target = {"model-load": "ftune.reward:load", "scoring": "ftune.reward:RewardModel.score_ids"}[phase]
+    target = {"model-load": "ftune.modeling.reward_model:load", "scoring": "ftune.modeling.reward_model:RewardModel.score_ids"}[phase]
     return Case([*argv, "--overwrite"], [pause_spec(target, markers / "paused")], ["ftune score stopped"], kept=tmp / "out")
 
 
@@ -98,7 +98,7 @@ def label(phase, tmp, markers, model, runs, monkeypatch, capsys) -> Case:
     argv = ["label", model, "--prompts", tmp / "prompts.txt", "--out", tmp / "labels", "--n", "2", "--max-new-tokens", "4"]
     says = ["every decision so far is saved", "--resume"]
     if phase == "sampling":
-        return Case([*argv, "--generate-only"], [pause_spec("ftune.chat:sample_answers", markers / "paused", call=2)], says,
+        return Case([*argv, "--generate-only"], [pause_spec("ftune.commands.chat:sample_answers", markers / "paused", call=2)], says,
                     after=lambda work: _answers_stored(work / "labels", 1))
     # A judge that hangs: user code must not keep the command from stopping.
     (tmp / "judge.py").write_text(JUDGE_HANGS.format(marker=str(markers / "judging")))
@@ -107,7 +107,7 @@ def label(phase, tmp, markers, model, runs, monkeypatch, capsys) -> Case:
 
 
 def _answers_stored(folder: Path, prompts: int) -> None:
-    from ftune.label.session import SESSION_FILE
+    from ftune.commands.label.session import SESSION_FILE
 
     state = json.loads((folder / SESSION_FILE).read_text())
     assert sum(item["answers"] is not None for item in state["items"]) == prompts, state
@@ -118,7 +118,7 @@ def eval_(phase, tmp, markers, model, runs, monkeypatch, capsys) -> Case:
     if phase == "scoring":
         argv = ["eval", model, "--recipe", runs["sft"].parent / "recipe.yaml", "--out", out]
         before(argv, monkeypatch, capsys)
-        return Case(argv, [pause_spec("ftune.evaluate:score", markers / "paused")], ["ftune eval stopped"], kept=tmp / "out")
+        return Case(argv, [pause_spec("ftune.commands.evaluate:score", markers / "paused")], ["ftune eval stopped"], kept=tmp / "out")
     if phase == "generation":
         argv = ["eval", model, "--prompt", "Count to a thousand.", *LONG_ANSWER, "--out", out]
         return Case(argv, [pause_spec(STREAMER_PUT, markers / "paused", call=3, hold=0.2)], ["ftune eval stopped"],
@@ -151,7 +151,7 @@ def chat(phase, tmp, markers, model, runs, monkeypatch, capsys) -> Case:
                     [pause_spec(STREAMER_PUT, markers / "paused", call=3, hold=0.2)], ["ftune chat stopped"])
     # In the chat loop Ctrl-C stops one answer (or leaves at the prompt); SIGTERM always stops the command.
     (tmp / "typed.txt").write_text("Count to a thousand.\n")
-    target = {"interactive-prompt": "builtins:input", "interactive-answer": "ftune.chat:HFModel.stream"}[phase]
+    target = {"interactive-prompt": "builtins:input", "interactive-answer": "ftune.commands.chat:HFModel.stream"}[phase]
     return Case(["chat", runs["sft"], *LONG_ANSWER], [pause_spec(target, markers / "paused")], ["ftune chat stopped"],
                 stdin=tmp / "typed.txt")
 
@@ -185,7 +185,7 @@ def _unreported(out: Path) -> None:
 def merge(phase, tmp, markers, model, runs, monkeypatch, capsys) -> Case:
     out = tmp / "out" / "merged"
     before(["merge", runs["sft"], "--out", out, "--no-verify"], monkeypatch, capsys)
-    target = {"merge": "ftune.merge.stage:write_weights", "parity-check": "ftune.merge.stage:verify_parity"}[phase]
+    target = {"merge": "ftune.merge.command:write_weights", "parity-check": "ftune.merge.command:verify_parity"}[phase]
     return Case(["merge", runs["sft"], "--out", out, "--overwrite"], [pause_spec(target, markers / "paused")],
                 ["ftune merge stopped"], kept=tmp / "out")
 
@@ -194,7 +194,7 @@ def data(phase, tmp, markers, model, runs, monkeypatch, capsys) -> Case:
     recipe = _recipe(tmp, model, [*GOOD_ROWS, *GOOD_ROWS])
     argv = ["data", recipe, "--exact", "--out", tmp / "out" / "curated"]
     before(argv, monkeypatch, capsys)
-    return Case([*argv, "--overwrite"], [pause_spec("ftune.curate:_curate_source", markers / "paused")], ["ftune data stopped"],
+    return Case([*argv, "--overwrite"], [pause_spec("ftune.commands.curate:_curate_source", markers / "paused")], ["ftune data stopped"],
                 kept=tmp / "out")
 
 
@@ -226,7 +226,7 @@ def grpo(phase, tmp, markers, model, runs, monkeypatch, capsys) -> Case:
         "grpo: {num_generations: 4, max_completion_length: 8}\nrewards: [{type: function, function: rewards.py:vowels}]\n"
         "training: {learning_rate: 1.0e-2, batch_size: 2, max_steps: 50, warmup_ratio: 0}\noutput: {dir: run}\n")
     # Generation inside a step: the first signal stops at the end of that step and keeps a checkpoint.
-    return Case(["grpo", tmp / "recipe.yaml"], [pause_spec("ftune.rl.generation:TransformersBackend.generate", markers / "paused",
+    return Case(["grpo", tmp / "recipe.yaml"], [pause_spec("ftune.stages.rl.generation:TransformersBackend.generate", markers / "paused",
                                                             hold=1)],
                 ["checkpoint saved", "resume with: ftune grpo"], after=lambda work: _checkpoint_kept(work / "run"))
 
@@ -335,7 +335,7 @@ def test_a_second_ctrl_c_during_cleanup_still_leaves_no_half_written_output(tmp_
     before(argv, monkeypatch, capsys)
     earlier = snapshot(work / "out")
     process = start_paused([*argv, "--overwrite"], [
-        pause_spec("ftune.curate:_curate_source", markers / "curating"),
+        pause_spec("ftune.commands.curate:_curate_source", markers / "curating"),
         pause_spec("shutil:rmtree", markers / "cleaning", match=".partial-", until=markers / "go-on"),
     ], cwd=work)
     wait_for(markers / "curating", process)

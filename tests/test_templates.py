@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ftune.data.chat import IGNORE, make_formatter
+from ftune.data.rendering import IGNORE, make_formatter
 from ftune.data.formats import convert
 from ftune.data.render_proof import prove
 from ftune.errors import FtuneError

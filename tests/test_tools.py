@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ftune.data.chat import IGNORE, make_formatter
+from ftune.data.rendering import IGNORE, make_formatter
 from ftune.data.formats import BadRow, convert
 from helpers import invoke, snapshot, write_jsonl
 
@@ -137,7 +137,7 @@ def test_source_tools_are_checked_in_the_recipe_with_their_line(tmp_path, tiny_m
 
 
 def test_source_tools_reach_rows_without_their_own(tmp_path, tiny_model_dir):
-    from ftune.inspect import inspect_recipe
+    from ftune.commands.inspection import inspect_recipe
 
     spec = json.dumps(WEATHER)
     own = tool_row("Rome", tools=[CALC, WEATHER])
@@ -214,7 +214,7 @@ def test_inline_and_json_templates(tmp_path, tiny_model_dir):
 def test_inspect_shows_tool_calls_results_and_reasoning_with_their_colours(tmp_path, tiny_model_dir):
     from rich.console import Console
 
-    from ftune.inspect import MASKED, TRAINED, inspect_recipe, print_inspection
+    from ftune.commands.inspection import MASKED, TRAINED, inspect_recipe, print_inspection
 
     rows = [tool_row(tools=[WEATHER]) for _ in range(3)]
     tools_recipe(tmp_path, tiny_model_dir, rows, extra="  reasoning: mask\n")
@@ -225,8 +225,8 @@ def test_inspect_shows_tool_calls_results_and_reasoning_with_their_colours(tmp_p
     assert "⟨tool call⟩<tool_call>" in plain and "⟨tool result⟩" in plain and "⟨reasoning⟩<think>" in plain
     assert "render proof" in plain and "3 assistant turns" not in plain and "6 assistant turns in 3 conversations" in plain
 
-    from ftune.data.chat import KINDS
-    from ftune.inspect import render_sample
+    from ftune.data.rendering import KINDS
+    from ftune.commands.inspection import render_sample
 
     example = result.report.examples[0]
     text = render_sample(example["ids"], example["labels"], result.formatter.tokenizer, kinds=[KINDS[k] for k in example["kinds"]])
@@ -254,7 +254,7 @@ def test_a_custom_template_reaches_the_adapter_the_merged_model_the_gguf_and_the
     import gguf
     from transformers import AutoTokenizer
 
-    from ftune import chat
+    from ftune.commands import chat
 
     (tmp_path / "marlin.jinja").write_text(CUSTOM)
     rows = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}."}]} for i in range(8)]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ftune import cli
-from ftune.label.session import SESSION_FILE
+from ftune.commands.label.session import SESSION_FILE
 from helpers import snapshot
 
 PROMPTS = [{"prompt": f"What is {a} plus {b}?", "answer": a + b} for a in range(1, 4) for b in range(1, 4)]
@@ -62,7 +62,7 @@ def workers_for(folder: Path) -> list[str]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if "ftune.usercode_worker" in command and str(folder) in command and state != "Z":
+        if "ftune.guards.usercode_worker" in command and str(folder) in command and state != "Z":
             found.append(f"{entry.name}: {command}")
     return found
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ftune.data import curation
+from ftune.data import cleaning
 from ftune.data.conversation import source_tools
 from ftune.data.encode import (
     _WORKER,
@@ -43,7 +43,7 @@ from ftune.data.formats import BadRow, check_allowed, convert_row
 from ftune.data.render_proof import CONVERSATIONS_CHECKED
 from ftune.data.sources import Opened, Unit, open_source, parse, place_of
 from ftune.errors import FtuneError
-from ftune.usercode_worker import die_with_parent  # one guard for every worker ftune starts
+from ftune.guards.usercode_worker import die_with_parent  # one guard for every worker ftune starts
 
 if TYPE_CHECKING:
     from ftune.recipe import DataSection, DataSource
@@ -85,7 +85,7 @@ class Built:
     labels_path: Path
     proof: dict
     examples: list
-    removed: list  # curation.Removal, in order
+    removed: list  # cleaning.Removal, in order
 
 
 
@@ -99,7 +99,7 @@ def default_num_proc() -> int:
 def build(section: DataSection, sources: list[DataSource], formatter, allowed: set[str], *, base_dir: Path, spill: Path, num_proc: int,
           opened: list[Opened] | None = None) -> Built:
     """Every row of `sources` (train then eval), tokenized into spill files under `spill`."""
-    rules = curation.Rules.from_section(section)
+    rules = cleaning.Rules.from_section(section)
     _WORKER.update(formatter=formatter, section=section, rules=rules, allowed=allowed)
     spill.mkdir(parents=True, exist_ok=True)
     ids_path, labels_path = spill / "ids.bin", spill / "labels.bin"
@@ -229,17 +229,17 @@ def _serve(pipe, inherited: list) -> None:
 class _Parent:
     """The parent's side: which jobs to make, and what to keep of their results."""
 
-    def __init__(self, rules: curation.Rules, train_sources: int):
+    def __init__(self, rules: cleaning.Rules, train_sources: int):
         self.rules = rules
         self.train_sources = train_sources
-        self.deduper = curation.Deduper(rules) if rules.dedup else None
+        self.deduper = cleaning.Deduper(rules) if rules.dedup else None
         self.sources: list[SourceRows] = []
         self.lengths: list[np.ndarray] = []  # per job
         self.trained: list[np.ndarray] = []
         self.pieces_so_far = 0
         self.proof = {"conversations": 0, "turns": 0, "mismatched": 0, "mismatches": []}
         self.examples: list = []
-        self.removed: list[curation.Removal] = []
+        self.removed: list[cleaning.Removal] = []
         self.proof_rows = 0  # train rows given to the render proof so far
         # deduper index -> source and line (or row) number, for duplicate_of; compact: one per row checked
         self.checked_source, self.checked_number = array.array("h"), array.array("q")
@@ -287,7 +287,7 @@ class _Parent:
             if code in (BAD, REJECTED) and section.on_bad_row == "error":
                 raise FtuneError(reason, place=place, hint="fix the row, or set data.on_bad_row: skip")
             if code == FILTERED:
-                self.removed.append(curation.Removal(place, reason))
+                self.removed.append(cleaning.Removal(place, reason))
             rows.reasons[base + pos] = reason
         if self.deduper is not None:
             self._dedup(rows, done, status, base)
@@ -321,7 +321,7 @@ class _Parent:
             status[pos] = FILTERED
             rows.reasons[base + pos] = duplicate.reason
             owner = self.sources[self.checked_source[duplicate.of]].opened
-            self.removed.append(curation.Removal(rows.opened.place(number), duplicate.reason, owner.place(self.checked_number[duplicate.of])))
+            self.removed.append(cleaning.Removal(rows.opened.place(number), duplicate.reason, owner.place(self.checked_number[duplicate.of])))
 
 
 def _detect(units: list[Unit], opened: Opened, source, allowed: set[str]) -> str | None:

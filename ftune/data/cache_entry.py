@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ftune import textio
-from ftune.data.chat import IGNORE
+from ftune.guards import textio
+from ftune.data.rendering import IGNORE
 from ftune.data.packing import Encoded
 from ftune.errors import FtuneError
 

@@ -26,7 +26,7 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftune import textio, timelimit
+from ftune.guards import textio, timelimit
 from ftune.data.formats import BadRow
 from ftune.errors import FtuneError
 

@@ -18,7 +18,7 @@ one, as many datasets store it) or the source's `tools:` in the recipe.
 
 from __future__ import annotations
 
-from ftune import textio
+from ftune.guards import textio
 from ftune.errors import FtuneError
 from ftune.data.formats import ROLE_ALIASES, BadRow, Chat, kind
 

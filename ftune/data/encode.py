@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ftune.data import curation
-from ftune.data.chat import IGNORE, KINDS
+from ftune.data import cleaning
+from ftune.data.rendering import IGNORE, KINDS
 from ftune.data.formats import BadRow, Raw, convert_row
 from ftune.data.render_proof import prove
 from ftune.data.sources import Unit, parse
@@ -91,7 +91,7 @@ def _encode(job: Job) -> Done:
         numbers.append(unit.number)
         try:
             sample = _convert(row.data, job, allowed, row.place)
-            reason = curation.row_reason(sample, rules) if rules.per_row else None
+            reason = cleaning.row_reason(sample, rules) if rules.per_row else None
         except BadRow as exc:
             status.append(BAD)
             reasons[pos] = str(exc)
@@ -108,7 +108,7 @@ def _encode(job: Job) -> Done:
     done.numbers = np.asarray(numbers, np.int64)
     if rules.dedup:
         by_pos = dict(zip(positions, samples))
-        done.signatures = [curation.signature(by_pos[p], rules) if done.status[p] == OK else None for p in range(len(numbers))]
+        done.signatures = [cleaning.signature(by_pos[p], rules) if done.status[p] == OK else None for p in range(len(numbers))]
     if job.prove:
         done.proof = prove(formatter, samples, places, mode="warn", limit=job.prove)
     if job.annotate:
@@ -138,7 +138,7 @@ def _convert(data, job: Job, allowed: set[str], place: str):
     return convert_row(data, job.fmt or "auto", columns=job.columns, tools=job.tools, allowed=allowed, place=place)[0]
 
 
-def _tokenize(formatter, section: DataSection, rules: curation.Rules, samples, places, positions, rows: int, status: list, reasons: dict) -> Done:
+def _tokenize(formatter, section: DataSection, rules: cleaning.Rules, samples, places, positions, rows: int, status: list, reasons: dict) -> Done:
     pieces = np.zeros(rows, np.int32)
     truncated, too_long, no_loss = (np.zeros(rows, np.int32) for _ in range(3))
     lengths, trained, ids_parts, labels_parts = [], [], [], []
@@ -162,7 +162,7 @@ def _tokenize(formatter, section: DataSection, rules: curation.Rules, samples, p
                 no_loss[pos] += 1
                 continue
             if rules.lengths:
-                filtered = curation.length_reason(len(ids), rules)
+                filtered = cleaning.length_reason(len(ids), rules)
                 if filtered:
                     continue
             pieces[pos] += 1

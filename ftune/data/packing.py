@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ftune.data.chat import IGNORE
+from ftune.data.rendering import IGNORE
 
 
 @dataclass(frozen=True)

@@ -21,18 +21,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ftune import textio
-from ftune.data import cache_entry, curation, encode
+from ftune.guards import textio
+from ftune.data import cache_entry, cleaning, encode
 from ftune.data.build import build, default_num_proc
-from ftune.data.chat import Formatter
+from ftune.data.rendering import Formatter
 from ftune.data.conversation import source_tools
 from ftune.data.formats import BadRow, convert_row
 from ftune.data.packing import Encoded
 from ftune.data.render_proof import audit_labels, enforce
 from ftune.data.sources import open_source, read_source
 from ftune.errors import FtuneError
-from ftune.lock import pid_alive
-from ftune.ownership import OUTPUT_MARKER, is_output, write_json
+from ftune.artifacts.lock import pid_alive
+from ftune.artifacts.ownership import OUTPUT_MARKER, is_output, write_json
 
 if TYPE_CHECKING:
     from ftune.recipe import DataSection, Recipe
@@ -89,8 +89,8 @@ def load_samples(data_section, *, base_dir: Path, seed: int, allowed: set[str]) 
 
 def _load_split(sources, section: DataSection, base_dir: Path, seed: int, allowed: set[str], report: DataReport, fingerprints: list[str]) -> Loaded:
     out = Loaded()
-    rules = curation.Rules.from_section(section)
-    deduper = curation.Deduper(rules) if rules.dedup else None
+    rules = cleaning.Rules.from_section(section)
+    deduper = cleaning.Deduper(rules) if rules.dedup else None
     seen: list[str] = []  # the deduper's row numbers: each checked row's place
     for source in sources:
         rows, fingerprint = read_source(source.path, base_dir=base_dir, split=source.split, subset=source.subset)
@@ -125,7 +125,7 @@ def _load_split(sources, section: DataSection, base_dir: Path, seed: int, allowe
     return out
 
 
-def _curated(rows: list, source, rules: curation.Rules, deduper, seen: list[str], allowed: set[str], report: DataReport) -> list:
+def _curated(rows: list, source, rules: cleaning.Rules, deduper, seen: list[str], allowed: set[str], report: DataReport) -> list:
     """The rows data.filters and data.dedup keep, decided in file order (the first of duplicates is kept)."""
     kept = []
     tools = source_tools(source.tools, source.path)
@@ -137,10 +137,10 @@ def _curated(rows: list, source, rules: curation.Rules, deduper, seen: list[str]
         if sample is None:
             kept.append(row)  # a bad row is reported as one where it is used
             continue
-        reason, kept_place = curation.row_reason(sample, rules), None
+        reason, kept_place = cleaning.row_reason(sample, rules), None
         if reason is None and deduper is not None:
             seen.append(row.place)
-            duplicate = deduper.check(len(seen) - 1, curation.signature(sample, rules))
+            duplicate = deduper.check(len(seen) - 1, cleaning.signature(sample, rules))
             if duplicate is not None:
                 reason, kept_place = duplicate.reason, seen[duplicate.of]
         if reason is None:
@@ -149,7 +149,7 @@ def _curated(rows: list, source, rules: curation.Rules, deduper, seen: list[str]
         report.removed_count += 1
         if len(report.removed) < 20:
             report.removed.append(f"{row.place}: {reason}" + (f" (kept: {kept_place})" if kept_place else ""))
-        rule = curation.rule_of(reason)
+        rule = cleaning.rule_of(reason)
         report.removed_by_rule[rule] = report.removed_by_rule.get(rule, 0) + 1
     return kept
 
@@ -257,7 +257,7 @@ def _select(built, section: DataSection, seed: int, report: DataReport) -> tuple
         report.rejected += [f"{rows.place(row)}: {rows.reasons[int(row)]}" for row in bad if rows.status[row] == encode.REJECTED][:20]
     report.removed_count = len(built.removed)
     report.removed = [f"{r.place}: {r.reason}" + (f" (kept: {r.duplicate_of})" if r.duplicate_of else "") for r in built.removed[:20]]
-    report.removed_by_rule = curation.summarise(built.removed)["by_rule"] if built.removed else {}
+    report.removed_by_rule = cleaning.summarise(built.removed)["by_rule"] if built.removed else {}
     if not section.eval:
         total = sum(len(rows) for _, rows in chosen)
         n_eval = int(round(total * section.eval_fraction))

@@ -13,7 +13,7 @@ and the first token that differs, and stops the run unless `data.render_check: w
 
 from __future__ import annotations
 
-from ftune.data.chat import IGNORE
+from ftune.data.rendering import IGNORE
 from ftune.data.formats import BadRow, Raw
 from ftune.errors import FtuneError
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftune import textio
+from ftune.guards import textio
 from ftune.errors import FtuneError
 
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")

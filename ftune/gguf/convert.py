@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from ftune import __version__
 from ftune.errors import FtuneError
 from ftune.gguf import arch as archs
-from ftune.gguf.formats import OutputType
+from ftune.gguf.quant_types import OutputType
 from ftune.gguf.vocab import Vocab, llamacpp_model_name, read_vocab, write_vocab
-from ftune.weights import tensor_index
+from ftune.modeling.weights import tensor_index
 
 if TYPE_CHECKING:
     import numpy as np

@@ -34,14 +34,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftune import signals, textio
+from ftune.guards import signals, textio
 from ftune.errors import FtuneError
 from ftune.gguf import report as quant_report
-from ftune.gguf.formats import TYPES, OutputType, parse_type
-from ftune.file_targets import check_file_target
-from ftune.ownership import parents_made
-from ftune.runs import RUN_FILE, read_json_object, read_run, write_json
-from ftune.weights import check_weights
+from ftune.gguf.quant_types import TYPES, OutputType, parse_type
+from ftune.artifacts.file_targets import check_file_target
+from ftune.artifacts.ownership import parents_made
+from ftune.artifacts.runs import RUN_FILE, read_json_object, read_run, write_json
+from ftune.modeling.weights import check_weights
 
 DEMO_NAME = "SmolLM2-135M-Instruct"
 
@@ -205,7 +205,7 @@ def run_types(
 
 def refuse_reward_model(model: str) -> None:
     """A reward model (an `ftune rm` run, its adapter, a merged one) has no GGUF: refused before any work."""
-    from ftune.reward import reward_model_kind
+    from ftune.modeling.reward_model import reward_model_kind
 
     what = reward_model_kind(Path(model).expanduser()) if model != "demo" else None
     if what:
@@ -252,7 +252,7 @@ def _rejected(failures: list[tuple[str, Path, Path, str]], targets: dict[str, Pa
 @contextlib.contextmanager
 def _source_model(model: str, out: Path, out_type: OutputType, say: Callable[[str], None]) -> Iterator[tuple[Path, str]]:
     """(a Hugging Face model directory, a display name) for MODEL; run directories merged for the duration."""
-    from ftune.models import resolve_model_path
+    from ftune.modeling.models import resolve_model_path
 
     if model == "demo":
         yield Path(resolve_model_path("demo")), DEMO_NAME
@@ -284,7 +284,7 @@ def _source_model(model: str, out: Path, out_type: OutputType, say: Callable[[st
 
 def _check_model_dir(model_dir: Path) -> None:
     """A damaged config.json or cut-short weights named here, before the parity check or the converter reads them."""
-    from ftune.models import model_config
+    from ftune.modeling.models import model_config
 
     model_config(str(model_dir))
     check_weights(model_dir)
@@ -341,7 +341,7 @@ def _fsync(path: Path, final: Path) -> None:
     with open(path, "rb") as handle:
         try:
             os.fsync(handle.fileno())
-        except OSError as exc:  # a full disk names the file being exported, not the work file (ftune.oserrors)
+        except OSError as exc:  # a full disk names the file being exported, not the work file (ftune.guards.oserrors)
             raise OSError(exc.errno, exc.strerror, str(final)) from exc
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftune import textio
+from ftune.guards import textio
 from ftune.errors import FtuneError
 from ftune.gguf.vocab import Vocab
-from ftune.runs import atomic_file
+from ftune.artifacts.runs import atomic_file
 
 MODELFILE = "Modelfile"
 WRITTEN_BY = "# Written by ftune export-gguf."  # the first line: what makes a Modelfile ftune's

@@ -9,7 +9,7 @@ Three checks, each with the tolerance of the output type (formats.Tolerance):
 3. greedy continuations from chat prompts, token for token.
 
 The prompts, the tolerance and the greedy loop on the transformers side are the ones merge
-parity uses (ftune/parity.py): a merged model's own run supplies its held-out prompts.
+parity uses (ftune/modeling/compare.py): a merged model's own run supplies its held-out prompts.
 The report is a plain dict (saved as JSON next to the file) and a rich table.
 """
 
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftune import textio
+from ftune.guards import textio
 from ftune.errors import FtuneError
-from ftune.gguf.formats import LLAMACPP_INSTALL, OutputType
-from ftune.parity import GREEDY_TOKENS, greedy_continuation, held_out_prompts, render_plain
+from ftune.gguf.quant_types import LLAMACPP_INSTALL, OutputType
+from ftune.modeling.compare import GREEDY_TOKENS, greedy_continuation, held_out_prompts, render_plain
 
 if TYPE_CHECKING:
     import numpy as np
@@ -146,7 +146,7 @@ def reference_outputs(model_dir: Path) -> Reference:
 def merged_run_prompts(model_dir: Path) -> Path | None:
     """The held-out prompts of the run a merged model came from (its merge.json names the run), if still there."""
     from ftune.merge.support import MERGE_FILE
-    from ftune.runs import EVAL_PROMPTS_FILE
+    from ftune.artifacts.runs import EVAL_PROMPTS_FILE
 
     try:
         source = textio.load_file(model_dir / MERGE_FILE, "merge file")["source"]

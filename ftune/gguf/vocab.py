@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftune import textio
+from ftune.guards import textio
 from ftune.errors import FtuneError
 from ftune.gguf.templates import TemplateMatch, match_template
 

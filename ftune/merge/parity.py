@@ -1,6 +1,6 @@
 """Prove a merge: the adapter, loaded the way it was trained, against the merged directory in plain transformers.
 
-Both run the same held-out prompts (ftune/parity.py); their logits at every prompt position
+Both run the same held-out prompts (ftune/modeling/compare.py); their logits at every prompt position
 and their greedy continuations are compared with the tolerance of the lower precision of the
 two. One model is in memory at a time; the reference's logits are kept for the comparison.
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ftune.merge.source import Source
-from ftune.parity import GREEDY_TOKENS, Tolerance, greedy_continuation, held_out_prompts
+from ftune.modeling.compare import GREEDY_TOKENS, Tolerance, greedy_continuation, held_out_prompts
 
 MAX_PROMPT_TOKENS = 128  # 8 prompts x 128 positions x a 150k vocabulary x 4 bytes = 0.6 GB of kept logits
 
@@ -34,7 +34,7 @@ def verify_parity(src: Source, merged_dir: Path, dtype: str, *, rounded_base: bo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftune.models import load_tokenizer
+    from ftune.modeling.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(merged_dir))
     prompts = held_out_prompts(tokenizer, src.prompts_file, max_tokens=MAX_PROMPT_TOKENS)
@@ -79,7 +79,7 @@ def _adapter_model(src: Source, *, quantized: bool):
     """The base with the adapter on top, unmerged; in 4 bits through bitsandbytes when `quantized`."""
     from peft import PeftModel
 
-    from ftune.models import load_model, pick_dtype
+    from ftune.modeling.models import load_model, pick_dtype
 
     model = load_model(
         src.base_path,

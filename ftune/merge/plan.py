@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ftune.errors import FtuneError
 from ftune.merge.arithmetic import Ia3Weight, LoraWeight, lora_rank_and_scale, vera_as_lora
 from ftune.merge.source import Source
-from ftune.weights import TensorInfo, tensor_index
+from ftune.modeling.weights import TensorInfo, tensor_index
 
 if TYPE_CHECKING:
     import torch
@@ -300,7 +300,7 @@ def _meta_model(src: Source):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from ftune.models import model_config
+    from ftune.modeling.models import model_config
 
     config = model_config(src.base_path, trust_remote_code=src.trust_remote_code, trust_hint=TRUST_HINT)
     if src.scores:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ftune.parity import render_plain
+from ftune.modeling.compare import render_plain
 
 
 def render_report(report: dict) -> str:

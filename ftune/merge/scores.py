@@ -17,7 +17,7 @@ from pathlib import Path
 from ftune.merge.parity import TOLERANCES, _adapter_model, _device, _lower_precision
 from ftune.data.chat_template import render  # bounded in time: a template that runs away is an error naming it
 from ftune.merge.source import Source
-from ftune.parity import BUILTIN_QUESTIONS, read_prompts, render_plain
+from ftune.modeling.compare import BUILTIN_QUESTIONS, read_prompts, render_plain
 
 BUILTIN_ANSWERS = ("Here is a careful, helpful answer.", "No.")  # a pair per built-in question, when the run kept none
 
@@ -27,7 +27,7 @@ def verify_scores(src: Source, merged_dir: Path, dtype: str, *, rounded_base: bo
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from ftune.models import load_tokenizer
+    from ftune.modeling.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(merged_dir))
     texts = _texts(tokenizer, src.prompts_file)

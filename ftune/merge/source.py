@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftune import run_checks, textio
+from ftune.artifacts import run_checks
+from ftune.guards import textio
 from ftune.errors import FtuneError
-from ftune.runs import ADAPTER_DIR, CHECKPOINTS_DIR, RUN_FILE, Run, read_run
+from ftune.artifacts.runs import ADAPTER_DIR, CHECKPOINTS_DIR, RUN_FILE, Run, read_run
 
 if TYPE_CHECKING:
     from ftune.recipe import QuantizationSection
@@ -124,7 +125,7 @@ def _locate(source: Path) -> tuple[Path | None, Path]:
 
 def _base_path(source: Path, base: str | None, run: Run | None, adapter_config: dict) -> str:
     """The base model's local directory: --base, else the run's (found again by name if it moved), else the adapter's."""
-    from ftune.models import resolve_model_path
+    from ftune.modeling.models import resolve_model_path
 
     try:
         if base is not None:
@@ -203,7 +204,7 @@ def _check_flags(config: dict, place: Path) -> None:
 
 def refuse_unmergeable(config: dict, place: Path, command: str = "merge") -> None:
     """An adapter of virtual tokens (prompt, prefix tuning) has no weights to merge: say why, and what to do instead."""
-    from ftune.adapters import unmergeable
+    from ftune.modeling.adapters import unmergeable
 
     refusal = unmergeable(config, str(Path(place).parent))
     if refusal is not None:

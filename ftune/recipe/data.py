@@ -158,7 +158,7 @@ class FiltersSection(Section):
     )
     refusals: bool = Field(
         False, description="Remove rows with an answer matching ftune's list of refusal and AI-disclaimer phrases "
-        "(ftune/data/curation.py: 'as an ai language model', 'i'm sorry, but i can't', 'i cannot help with', ...)."
+        "(ftune/data/cleaning.py: 'as an ai language model', 'i'm sorry, but i can't', 'i cannot help with', ...)."
     )
     refusal_patterns: Annotated[list[str], AfterValidator(_regexes)] = Field(
         default_factory=list, description="Your own refusal patterns, Python regular expressions searched in each "

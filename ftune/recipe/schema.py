@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from ftune import textio
+from ftune.guards import textio
 from ftune.recipe.loading import _inner_model
 from ftune.recipe.model import Recipe
 

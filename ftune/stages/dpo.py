@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from ftune import steps, training
+from ftune.train import steps, training
 from ftune.data.pipeline import load_samples
 from ftune.errors import FtuneError
-from ftune.preference import REFERENCE_FREE, PairSet, encode_pairs, preference_loss, reward_metrics, sequence_logps
+from ftune.train.preference import REFERENCE_FREE, PairSet, encode_pairs, preference_loss, reward_metrics, sequence_logps
 from ftune.recipe import Recipe
-from ftune.reference import ReferenceLogps, start_scope
-from ftune.stages import loop
-from ftune.stages.stage import Data, Loss, Pass, Setup, Stage, Training
+from ftune.train.reference import ReferenceLogps, start_scope
+from ftune.train import loop
+from ftune.train.stage import Data, Loss, Pass, Setup, Stage, Training
 
 SMOKE_PAIRS = 8
 FIGURES = {"pairs": ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected"),

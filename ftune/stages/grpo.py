@@ -21,17 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ftune import adapters, outputs, steps, textio, training
-from ftune.data.chat import IGNORE
+from ftune.guards import textio
+from ftune.modeling import adapters
+from ftune.train import outputs, steps, training
+from ftune.data.rendering import IGNORE
 from ftune.data.prompts import PromptSet, load_prompts
-from ftune.progress import console
+from ftune.train.progress import console
 from ftune.recipe import Recipe
-from ftune.reference import frozen_start
-from ftune.rl import losses, rewards
-from ftune.rl.batches import CompletionScorer, packed_row
-from ftune.rl.generation import Sampling, TransformersBackend
-from ftune.stages import loop
-from ftune.stages.stage import Data, Loss, Pass, Setup, Stage, Training
+from ftune.train.reference import frozen_start
+from ftune.stages.rl import losses, rewards
+from ftune.stages.rl.batches import CompletionScorer, packed_row
+from ftune.stages.rl.generation import Sampling, TransformersBackend
+from ftune.train import loop
+from ftune.train.stage import Data, Loss, Pass, Setup, Stage, Training
 
 SMOKE_PROMPTS = 4
 # Warn once this share of a step's groups got one reward for all their completions, this many steps running.
@@ -295,9 +297,9 @@ def _from_bytes(tensor: torch.Tensor):
 
 def _reward_model(spec, run_dir: Path, setup: Setup):
     """A reward model trained by `ftune rm`: its score of the prompt and the completion, as a conversation."""
-    from ftune import reward
+    from ftune.modeling import reward_model
 
-    model = reward.load(run_dir, device=setup.ctx.device, trust_remote_code=setup.recipe.base_model.trust_remote_code)
+    model = reward_model.load(run_dir, device=setup.ctx.device, trust_remote_code=setup.recipe.base_model.trust_remote_code)
 
     def call(batch: rewards.Batch) -> list[float]:
         conversations = [(*_as_messages(p), {"role": "assistant", "content": c}) for p, c in zip(batch.prompts, batch.completions)]

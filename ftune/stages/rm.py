@@ -1,7 +1,7 @@
 """`ftune rm RECIPE`: a reward model from preference pairs, the whole story on one screen.
 
 Model: the base with a one-output score head (transformers' sequence-classification model), an
-adapter on the body and the head trained in full beside it (reward.py); `rm.init_from` starts
+adapter on the body and the head trained in full beside it (reward_model.py); `rm.init_from` starts
 the adapter from an SFT run's, the head anew. Data: the pairs DPO reads, rendered and masked as
 DPO renders them: prompt + chosen and prompt + rejected. A step: each micro-batch packs its
 pairs' two sequences together (in passes of at most `training.tokens_per_pass` tokens), runs
@@ -18,13 +18,15 @@ from pathlib import Path
 
 import torch
 
-from ftune import reward, scoring, steps, training
+from ftune.commands import scoring
+from ftune.modeling import reward_model
+from ftune.train import steps, training
 from ftune.data.pipeline import load_samples
 from ftune.errors import FtuneError
-from ftune.preference import PairSet
+from ftune.train.preference import PairSet
 from ftune.recipe import Recipe
-from ftune.stages import loop
-from ftune.stages.stage import Data, Loss, Pass, Setup, Stage, Training
+from ftune.train import loop
+from ftune.train.stage import Data, Loss, Pass, Setup, Stage, Training
 
 SMOKE_PAIRS = 8
 
@@ -42,7 +44,7 @@ def load_data(recipe: Recipe, tokenizer, formatter, base_dir: Path, smoke: bool)
         keep = 2 * max(SMOKE_PAIRS, tc.batch_size * tc.gradient_accumulation_steps * recipe.distributed.num_processes)
         train_rows.samples, train_rows.places = train_rows.samples[:keep], train_rows.places[:keep]
         eval_rows.samples, eval_rows.places = eval_rows.samples[:loop.SMOKE_EVAL], eval_rows.places[:loop.SMOKE_EVAL]
-    train, held_out = (reward.encode(formatter, rows, recipe, report) for rows in (train_rows, eval_rows))
+    train, held_out = (reward_model.encode(formatter, rows, recipe, report) for rows in (train_rows, eval_rows))
     if len(train) == 0:
         raise FtuneError("no usable preference pairs", hint="check data.max_length and the rows reported above")
     return Data(train, held_out, report)
@@ -51,15 +53,15 @@ def load_data(recipe: Recipe, tokenizer, formatter, base_dir: Path, smoke: bool)
 def start(setup: Setup) -> Training:
     recipe, rm, ctx = setup.recipe, setup.recipe.rm, setup.ctx
     train, held_out, pairs_per_batch = setup.data.train, setup.data.eval, recipe.training.batch_size
-    read = dict(max_length=recipe.data.max_length, pad_id=setup.tokenizer.pad_token_id, read_pad_id=reward.read_pad_id(setup.model),
+    read = dict(max_length=recipe.data.max_length, pad_id=setup.tokenizer.pad_token_id, read_pad_id=reward_model.read_pad_id(setup.model),
                 device=ctx.device)
-    spread = reward.StepSpread(ctx)
+    spread = reward_model.StepSpread(ctx)
     worst: list[tuple[int, float, float]] = []  # the held-out pairs scored worst at the latest evaluation
     start_accuracy: dict[str, torch.Tensor] = {}  # held-out accuracy before the first step, for the run card
 
     def rewards(data: PairSet, pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Both sequences of every pair in one packed pass: (r_chosen, r_rejected)."""
-        scores = reward.sequence_rewards(setup.scorer, data.sequences, [i for p in pairs for i in (2 * p, 2 * p + 1)], **read)
+        scores = reward_model.sequence_rewards(setup.scorer, data.sequences, [i for p in pairs for i in (2 * p, 2 * p + 1)], **read)
         return scores[0::2], scores[1::2]
 
     def margins(data: PairSet, pairs: list[int]) -> torch.Tensor | None:
@@ -73,23 +75,23 @@ def start(setup: Setup) -> Training:
     def loss(pairs: list[int]) -> Loss:
         chosen, rejected = rewards(train, pairs)
         spread.add(torch.cat([chosen, rejected]))
-        losses = reward.pair_losses(chosen, rejected, margins(train, pairs), rm.center_coefficient)
-        return Loss(losses.sum(), reward.pair_figures(chosen, rejected))
+        losses = reward_model.pair_losses(chosen, rejected, margins(train, pairs), rm.center_coefficient)
+        return Loss(losses.sum(), reward_model.pair_figures(chosen, rejected))
 
     @torch.no_grad()
     def evaluate() -> dict | None:
         """Held-out loss, pairwise accuracy, margin and reward spread (every process evaluates all of it)."""
         setup.scorer.eval()
         try:
-            scored = reward.score_pairs(lambda pairs: rewards(held_out, pairs), len(held_out), pairs_per_batch, stop=setup.stop)
+            scored = reward_model.score_pairs(lambda pairs: rewards(held_out, pairs), len(held_out), pairs_per_batch, stop=setup.stop)
         finally:
             setup.scorer.train()
         if scored is None:
             return None
         chosen, rejected = scored
-        worst[:] = reward.worst_pairs(chosen, rejected, rm.worst_pairs)
+        worst[:] = reward_model.worst_pairs(chosen, rejected, rm.worst_pairs)
         every = list(range(len(held_out)))
-        figures = reward.held_out_figures(chosen, rejected, margins(held_out, every), rm.center_coefficient)
+        figures = reward_model.held_out_figures(chosen, rejected, margins(held_out, every), rm.center_coefficient)
         start_accuracy.setdefault("accuracy", torch.tensor([figures["eval_reward_accuracy"]]))
         return figures
 
@@ -113,12 +115,12 @@ def show_data(data: Data, say) -> None:
 STAGE = Stage(
     name="rm", unit="pairs", rate="pairs", smoke_size=SMOKE_PAIRS,
     data=load_data, show_data=show_data, inputs=loop.continued_inputs("rm.init_from"),
-    head=lambda data, n, m: Data(reward.first_pairs(data.train, n), reward.first_pairs(data.eval, m), data.report),
+    head=lambda data, n, m: Data(reward_model.first_pairs(data.train, n), reward_model.first_pairs(data.eval, m), data.report),
     micro_batches=lambda recipe, train, *, world, epoch: steps.pair_micro_batches(recipe, len(train), world=world, epoch=epoch),
-    held_out=reward.whole_sequences,
+    held_out=reward_model.whole_sequences,
     train=start,
     describe=lambda recipe: "rm (Bradley-Terry" + (f", centering {recipe.rm.center_coefficient:g}" if recipe.rm.center_coefficient else "")
     + (", per-pair margins" if recipe.rm.use_margin else "") + ")",
-    build_model=reward.build_model,
-    scorer=reward.SequenceRewards,
+    build_model=reward_model.build_model,
+    scorer=reward_model.SequenceRewards,
 )

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftune import models, steps, training
-from ftune.data.chat import IGNORE
+from ftune.modeling import models
+from ftune.train import steps, training
+from ftune.data.rendering import IGNORE
 from ftune.data.packing import collate
 from ftune.data.pipeline import prepare_sft
 from ftune.recipe import Recipe
-from ftune.stages import loop
-from ftune.stages.stage import Data, Loss, Pass, Setup, Stage, Training
+from ftune.train import loop
+from ftune.train.stage import Data, Loss, Pass, Setup, Stage, Training
 
 
 def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, resume: bool = False, overwrite: bool = False) -> Path:
