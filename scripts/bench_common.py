@@ -1,6 +1,7 @@
 """What the benchmark scripts share: where things are, the measured rows, running one measured
-side in its own process, and the one median-per-figure rule. It imports no other script, so
-bench.py, bench_report.py, bench_data.py and bench_gpu.py all import it and not each other upwards."""
+side in its own process, the LoRA every side trains, and the one median-per-figure rule. It imports
+no other script, so bench.py, bench_machine.py, bench_stages.py, bench_data.py, bench_process_tree.py
+and bench_gpu.py all import it and not each other upwards."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ ALPACA = SHARED_DATA / "alpaca_2k.json"
 HH_RLHF = SHARED_DATA / "hh_rlhf_harmless_1k.jsonl"
 DEMO_SFT_DATA = ROOT / "ftune" / "demo_data" / "identity.jsonl"
 DEMO_DPO_DATA = ROOT / "ftune" / "demo_data" / "preferences.jsonl"
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0}  # every ftune and TRL side trains this adapter (bench_stages.py, bench_data.py)
 
 
 def say(text: str) -> None:

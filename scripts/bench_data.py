@@ -33,6 +33,8 @@ size and on a small set (--train-small rows, default 10,000), each after an `ftu
 the same recipe has built its cache; peak RSS of the training process, and the ratio.
 
 Prints the figures; --json writes them (bench.py stores them as the report's `data` part).
+This file holds the two sides and the runs; bench_process_tree.py measures a process and its workers,
+bench_data_report.py turns the figures into the goals' ratios, target rows and this part's report section.
 """
 
 from __future__ import annotations
@@ -44,105 +46,16 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_common import medians  # the one median-per-figure rule of make bench
+from bench_common import LORA, SCRIPTS, medians, say  # medians: the one median-per-figure rule of make bench
+from bench_data_report import summary
+from bench_process_tree import check_exit, measure
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ROOT / "scripts"
 FTUNE = Path(sys.executable).parent / "ftune"
-LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 SEED = 0  # make_big_dataset.py's seed: every size is a prefix of the largest
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- measuring a process tree
-
-
-def _tree(pid: int) -> list[int]:
-    """pid and its descendants now (Linux /proc/PID/task/TID/children)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as handle:
-                    todo += [int(c) for c in handle.read().split()]
-        except OSError:
-            continue  # it ended between two reads
-    return out
-
-
-def _status_kib(pid: int, *keys: str) -> dict[str, int]:
-    found = {}
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                name = line.split(":", 1)[0]
-                if name in keys:
-                    found[name] = int(line.split()[1])
-    except OSError:
-        pass
-    return found
-
-
-def _pss_kib(pid: int) -> int:
-    """Proportional set size: each shared page divided among the processes that map it (so a tree's sum counts it once)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as handle:
-            for line in handle:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def measure(argv: list[str], env: dict, log: Path, interval: float = 0.1) -> dict:
-    """Run argv; its wall time, exit code, stdout, and its process tree's memory, sampled every `interval` s."""
-    peak = {"main_hwm_kib": 0, "tree_rss_kib": 0, "tree_pss_kib": 0, "processes": 1}
-    start = time.perf_counter()
-    with open(log, "w") as err:
-        child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                pids = _tree(child.pid)
-                main = _status_kib(child.pid, "VmHWM").get("VmHWM", 0)
-                total = sum(_status_kib(p, "VmRSS").get("VmRSS", 0) for p in pids)
-                peak["main_hwm_kib"] = max(peak["main_hwm_kib"], main)
-                peak["tree_rss_kib"] = max(peak["tree_rss_kib"], total)
-                peak["tree_pss_kib"] = max(peak["tree_pss_kib"], sum(_pss_kib(p) for p in pids))
-                peak["processes"] = max(peak["processes"], len(pids))
-                done.wait(interval)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        stdout = child.stdout.read()
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
-        done.set()
-        sampler.join()
-    return {"wall_s": wall, "exit": child.returncode, "stdout": stdout, "main_peak_rss_mib": peak["main_hwm_kib"] / 1024,
-            "peak_rss_mib": max(peak["tree_rss_kib"], peak["main_hwm_kib"]) / 1024, "processes": peak["processes"],
-            "peak_pss_mib": peak["tree_pss_kib"] / 1024,
-            # the largest single process of the tree, from the kernel (not sampled): a check on the samples
-            "max_process_rss_mib": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}
-
-
-def _check(result: dict, what: str, log: Path) -> None:
-    if result["exit"] != 0:
-        tail = "\n".join(log.read_text().splitlines()[-30:])
-        raise SystemExit(f"{what} failed (exit {result['exit']}); {log} ends:\n{tail}")
 
 
 # --------------------------------------------------------------------------- the two sides
@@ -185,7 +98,7 @@ def env_for(tmp: Path, threads: int) -> dict:
 def run_ftune_prep(data: Path, model_dir: Path, folder: Path, args) -> dict:
     recipe = write_recipe(folder / "recipe.yaml", data, model_dir, args, out=folder / "run")
     result = measure([str(FTUNE), "inspect", str(recipe), "--json"], env_for(folder, args.threads), folder / "ftune.log")
-    _check(result, "ftune inspect", folder / "ftune.log")
+    check_exit(result, "ftune inspect", folder / "ftune.log")
     numbers = json.loads(result.pop("stdout"))
     result.update({"samples": numbers["train_samples"], "tokens": numbers["train_tokens"], "loss_tokens": numbers["loss_tokens"],
                    "packed_rows": numbers["packed_rows"], "truncated": numbers["truncated"],
@@ -197,7 +110,7 @@ def run_trl_prep(data: Path, model_dir: Path, folder: Path, args) -> dict:
     spec = {"data": str(data), "model_dir": str(model_dir), "max_length": args.max_length, "num_proc": args.num_proc,
             "output_dir": str(folder / "trl-out")}
     result = measure([sys.executable, __file__, "--child-trl", json.dumps(spec)], env_for(folder, args.threads), folder / "trl.log")
-    _check(result, "TRL dataset preparation", folder / "trl.log")
+    check_exit(result, "TRL dataset preparation", folder / "trl.log")
     lines = [line for line in result.pop("stdout").splitlines() if line.startswith("RESULT ")]
     result.update(json.loads(lines[-1].removeprefix("RESULT ")))
     return result
@@ -289,13 +202,13 @@ def bench_training(large: int, small: int, model_dir: Path, tmp: Path, rows_dir:
         if prepared.is_dir():  # the preparation part's first ftune run built this very cache (same data section)
             env["FTUNE_CACHE"] = str(prepared)
         built = measure([str(FTUNE), "inspect", str(recipe), "--json"], env, tmp / f"train-{rows}-inspect.log")
-        _check(built, "ftune inspect (building the cache)", tmp / f"train-{rows}-inspect.log")
+        check_exit(built, "ftune inspect (building the cache)", tmp / f"train-{rows}-inspect.log")
         sets[rows] = (recipe, env, built["wall_s"])
     for repeat in range(args.repeats):
         for rows, (recipe, env, build_s) in sets.items():
             log = tmp / f"train-{rows}-{repeat}.log"
             result = measure([str(FTUNE), "sft", str(recipe), "--overwrite"], env, log)
-            _check(result, "ftune sft", log)
+            check_exit(result, "ftune sft", log)
             result.pop("stdout")
             result["inspect_s"] = build_s  # building the cache, or reading it when the preparation part built it
             runs[str(rows)].append(result)
@@ -312,24 +225,6 @@ def _remove_caches(folder: Path, *, keep_ftune: bool = False) -> None:
     for name in ("hf-datasets", "trl-out") if keep_ftune else ("ftune-cache", "hf-datasets", "trl-out"):
         if (folder / name).is_dir() and folder.name.startswith("prep-"):
             shutil.rmtree(folder / name)
-
-
-def summary(report: dict) -> dict:
-    """The ratios the goals judge: speed and memory against TRL per size, and the largest size's time over the smallest's."""
-    out = {}
-    prep = report.get("prep", {})
-    for key, part in prep.items():
-        f, t = part["medians"]["ftune"], part["medians"]["TRL"]
-        out[key] = {"speedup": t["wall_s"] / f["wall_s"], "memory_ratio": f["peak_rss_mib"] / t["peak_rss_mib"]}
-    if len(prep) > 1:
-        sizes = sorted(prep, key=int)
-        small, large = prep[sizes[0]], prep[sizes[-1]]
-        out["scaling"] = {"small": int(sizes[0]), "large": int(sizes[-1]), "rows_ratio": int(sizes[-1]) / int(sizes[0]),
-                          "time_ratio": large["medians"]["ftune"]["wall_s"] / small["medians"]["ftune"]["wall_s"],
-                          "trl_time_ratio": large["medians"]["TRL"]["wall_s"] / small["medians"]["TRL"]["wall_s"]}
-    if "training" in report:
-        out["training_memory_ratio"] = report["training"]["ratio"]
-    return out
 
 
 def main() -> None:
@@ -387,119 +282,6 @@ def main() -> None:
     print(json.dumps(report["summary"], indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
-
-
-# --------------------------------------------------------------------------- report (bench_report.py calls these)
-
-
-def targets(data: dict | None, goals: dict) -> list[dict]:
-    """This part's rows of BENCHMARKS.md's target table; `goals` is bench_report.TARGETS."""
-    if not data or "summary" not in data:
-        return [{"target": "data preparation targets", "goal": "", "measured": "", "status": "not measured"}]
-    out, summary, procs = [], data["summary"], data["settings"]["num_proc"]
-
-    def add(name, goal, value, met):
-        out.append({"target": name, "goal": goal, "measured": value, "status": "met" if met else "missed"})
-
-    for key in sorted((k for k in summary if k.isdigit()), key=int):
-        r, m = summary[key]["speedup"], summary[key]["memory_ratio"]
-        add(f"data preparation speed vs TRL SFTTrainer, {int(key):,} rows ({procs} process{'es' if procs > 1 else ''} each)",
-            f">= {goals['data_prep_vs_trl']}x", f"{r:.2f}x", r >= goals["data_prep_vs_trl"])
-        add(f"data preparation peak RSS / TRL's, {int(key):,} rows", f"<= {goals['data_prep_memory_vs_trl']}", f"{m:.2f}",
-            m <= goals["data_prep_memory_vs_trl"])
-    scaling = summary.get("scaling")
-    if scaling:
-        # The goal is for 10x the rows (1M against 100k); for other sizes it scales with the rows.
-        goal = goals["data_prep_scaling"] * scaling["rows_ratio"] / 10
-        add(f"data preparation time, {scaling['large']:,} rows / {scaling['small']:,} rows", f"<= {goal:g}",
-            f"{scaling['time_ratio']:.2f}", scaling["time_ratio"] <= goal)
-    if "training_memory_ratio" in summary:
-        t = data["training"]
-        add(f"training peak RSS, {t['large']:,} cached rows / {t['small']:,}", f"<= {goals['data_training_memory']}",
-            f"{summary['training_memory_ratio']:.2f}", summary["training_memory_ratio"] <= goals["data_training_memory"])
-    return out
-
-
-def markdown(data: dict | None, *, baseline: bool = False) -> list[str]:
-    """This part's section of BENCHMARKS.md; `baseline`: figures of the pipeline before the streaming one, if kept."""
-    if baseline and not data:
-        return []
-    if not data or "prep" not in data:
-        return ["## Data preparation", "", (data or {}).get("skipped", "skipped (--skip data)"), ""]
-    s, summary, procs = data["settings"], data.get("summary", {}), data["settings"]["num_proc"]
-    title = ("## Data preparation before the streaming pipeline (baseline, scripts/bench_data.py)" if baseline else
-             "## Data preparation: ftune against TRL's SFTTrainer dataset preparation (scripts/bench_data.py)")
-    lines = [
-        title,
-        "",
-        (f"Alpaca-style rows from `scripts/make_big_dataset.py` (seed 0), the demo model's tokenizer, max length {s['max_length']}, "
-         f"packing on both sides, {procs} tokenizing process{'es' if procs > 1 else ''} on each side "
-         f"(ftune: {'`data.num_proc`' if s.get('ftune_num_proc_field') else 'no data.num_proc, one process'}; TRL: "
-         f"`dataset_num_proc` {procs if procs > 1 else 'None, its default: in the main process'}), {s['threads']} OMP thread(s), "
-         f"medians of {s['repeats']} run(s) per side; ftune package: `{s.get('ftune_package', 'ftune')}`. "
-         f"Command: `{data['command']}`." + (f" {data['note']}" if data.get("note") else "")
-         + (f" Load average before and after: {_load(data['load_before'])}, {_load(data['load_after'])}." if data.get("load_after") else "")),
-        "",
-        ("| rows | side | wall s | rows/s | ftune is | CPU s | peak RSS MiB (all processes) | ftune / TRL | peak PSS MiB | "
-         "main process MiB | processes | tokens | packed rows |"),
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for size in sorted(data["prep"], key=int):
-        medians = data["prep"][size]["medians"]
-        f = medians["ftune"]
-        for side, v in medians.items():
-            faster = "" if side == "ftune" else f"{v['wall_s'] / f['wall_s']:.2f}x"
-            memory = "" if side == "ftune" else f"{f['peak_rss_mib'] / v['peak_rss_mib']:.2f}"
-            pss = f"{v['peak_pss_mib']:,.0f}" if "peak_pss_mib" in v else "-"  # not sampled by the first version of this script
-            lines.append(f"| {int(size):,} | {side} | {v['wall_s']:.1f} | {int(size) / v['wall_s']:,.0f} | {faster} | {v['cpu_s']:,.0f} | "
-                         f"{v['peak_rss_mib']:,.0f} | {memory} | {pss} | "
-                         f"{v['main_peak_rss_mib']:,.0f} | {v['processes']:.0f} | "
-                         f"{v['tokens']:,.0f} | {v['packed_rows']:,.0f} |")
-    scaling = summary.get("scaling")
-    if scaling:
-        lines += ["", (f"{scaling['large']:,} rows against {scaling['small']:,} ({scaling['rows_ratio']:g}x the rows): ftune "
-                       f"{scaling['time_ratio']:.2f}x the time, TRL {scaling['trl_time_ratio']:.2f}x.")]
-    phases = [(size, data["prep"][size]["runs"]["TRL"][0]["phases_s"]) for size in sorted(data["prep"], key=int)]
-    lines += ["", "TRL's time by phase (its first run of each size), seconds: "
-              + "; ".join(f"{int(size):,} rows: " + ", ".join(f"{k} {v:.1f}" for k, v in p.items()) for size, p in phases) + "."]
-    dropped = [(size, data["prep"][size]["medians"]["ftune"]) for size in sorted(data["prep"], key=int)]
-    lines += ["", ("ftune's token count differs from TRL's by the samples it drops or cuts (`data.too_long: truncate`, then "
-                   "samples left with no answer token dropped; TRL's bfd packing splits a long sample instead): "
-                   + "; ".join(f"{int(size):,} rows: {v.get('truncated', 0):,.0f} truncated, "
-                               f"{v['dropped'] if 'dropped' in v else int(size) - v['samples']:,.0f} dropped"
-                               for size, v in dropped) + ".")]
-    training = data.get("training")
-    if training:
-        lines += ["", (f"Training memory: `ftune sft` for {training['steps']} steps of {training['batch_size']} rows after `ftune inspect` "
-                       "built the set's cache, medians:"), "",
-                  "| cached rows | peak RSS MiB | main process MiB | wall s | inspect before it, s |", "|---:|---:|---:|---:|---:|"]
-        for size in (str(training["small"]), str(training["large"])):
-            v = training["medians"][size]
-            lines.append(f"| {int(size):,} | {v['peak_rss_mib']:,.0f} | {v['main_peak_rss_mib']:,.0f} | {v['wall_s']:.1f} | "
-                         f"{v.get('inspect_s', v.get('cache_build_s', 0)):.1f} |")
-        lines += ["", f"Ratio {training['large']:,} / {training['small']:,} rows: **{training['ratio']:.2f}**."]
-    lines += ["", METHOD, ""]
-    return lines
-
-
-def _load(load) -> str:
-    return " / ".join(f"{x:.2f}" for x in load) + f" (1, 5, 15 min; {os.cpu_count()} cores)"
-
-
-METHOD = (
-    "How: each run is its own process, the sides interleaved. ftune runs the command a user runs, `ftune inspect RECIPE --json` "
-    "(what `ftune sft` does to its data, and the inspection's own figures), with `FTUNE_CACHE` an empty folder, so nothing is "
-    "reused. TRL runs what its users run before training, with `HF_DATASETS_CACHE` an empty folder: `load_dataset(\"json\")`, "
-    "a `map` from the alpaca fields to conversational prompt/completion rows (the conversation ftune builds from an alpaca row), "
-    "and `SFTTrainer._prepare_dataset`, the function `SFTTrainer.__init__` calls for its train set (tokenize, build labels, bfd "
-    "packing with `packing=True`), without loading a model. Wall time is the process's, start to exit, imports included on both "
-    "sides; CPU s is the user + system time of the process and its workers (what a busy machine does not stretch). "
-    "Memory is sampled every 0.1 s over the process and every process it starts (both sides fork their workers): "
-    "\"all processes\" is the peak of their summed RSS, the goal's figure (a page a forked worker shares with its parent counts "
-    "in both, so with workers it is an upper bound); \"PSS\" the peak of their summed proportional set sizes (a page shared by "
-    "n processes counts 1/n in each, so the workers' shared pages count once; pages shared with processes outside the run count "
-    "less); \"main process\" its own VmHWM. Both sides' `tokens` agree but for the samples ftune cuts or drops, a check that "
-    "they did the same work.")
 
 
 if __name__ == "__main__":

@@ -58,9 +58,10 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     import torch
 
-    from ftune.train import preference, progress
+    from ftune.data import pairs as preference  # its collate packs the pairs (preference.packed_rows)
     from ftune.data.rendering import IGNORE
     from ftune.stages import dpo, sft
+    from ftune.train import progress
 
     batches: list[dict] = []
     marks: list[dict] = []

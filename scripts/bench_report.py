@@ -126,11 +126,11 @@ def render_markdown(report: dict) -> str:
 
 
 def _data_part():
-    """scripts/bench_data.py, which renders its own part (as bench_gpu.py does)."""
+    """scripts/bench_data_report.py, which renders the data part (as bench_gpu.py renders its own)."""
     sys.path.insert(0, str(SCRIPTS))
-    import bench_data
+    import bench_data_report
 
-    return bench_data
+    return bench_data_report
 
 
 def _sourced(report: dict, part: str, lines: list[str]) -> list[str]:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real demo model (converted once, cached) and tiny random models.
+"""Shared fixtures: the real demo model (converted once, cached), tiny random models, and the runs
+several test files read (the demo SFT run, a tiny SFT run, a tiny reward model), each built once per session.
 
 Tiny models are Llama-architecture, randomly initialised from a config, and use the demo
 model's real tokenizer, so tests exercise real tokenization in seconds.
@@ -81,3 +82,29 @@ def demo_sft_run(tmp_path_factory) -> Path:
     root = Path(__file__).resolve().parent.parent
     out = tmp_path_factory.mktemp("demo") / "demo-sft"
     return sft.run(root / "recipes" / "demo" / "sft.yaml", [f"output.dir={out}"])
+
+
+# The runs below are trained once per session and shared by every test file that reads them; a test
+# that changes a run (damages a file, marks it failed) works on a copy.
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A finished one-step SFT run on the tiny model (prompt/completion rows)."""
+    from ftune.stages import sft
+    from helpers import write_jsonl
+
+    folder = tmp_path_factory.mktemp("tiny-sft")
+    write_jsonl(folder / "data.jsonl", [{"prompt": f"Say {i}.", "completion": f"{i}."} for i in range(8)])
+    (folder / "recipe.yaml").write_text(f"stage: sft\nbase_model: {{name: {tiny_model_dir}}}\ndata:\n  train: [{{path: data.jsonl}}]\n"
+                                        "  max_length: 32\ntraining: {max_steps: 1, batch_size: 2}\noutput: {dir: run}\n")
+    return sft.run(folder / "recipe.yaml")
+
+
+@pytest.fixture(scope="session")
+def rm_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """One small reward model on the tiny model (helpers.rm_recipe: 6 steps on RM_PAIRS), trained through the stage."""
+    from ftune.stages import rm
+    from helpers import rm_recipe
+
+    return rm.run(rm_recipe(tmp_path_factory.mktemp("rm"), tiny_model_dir))

@@ -1,8 +1,10 @@
 """What the tests share: running ftune through its real entry point, snapshots of the disk,
-the checks every refusal must pass, small recipes and data, and runs killed at a checkpoint."""
+the checks every refusal must pass, small recipes and data (the sft, grpo and rm recipes several
+test files train), and runs killed at a checkpoint."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ftune import cli
+from ftune.recipe import parse_recipe
 
 GOOD_ROWS = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(8)]
 
@@ -84,6 +87,93 @@ def silent_template_model(tmp: Path, model: Path) -> Path:
     return target
 
 
+# --------------------------------------------------------------------------- recipes and rows several test files use
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """Rows in the format the file's suffix names: JSONL, a JSON list, CSV or Parquet."""
+    suffix = path.suffix
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows, indent=1))
+    elif suffix == ".csv":
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def recipe_for(tmp_path: Path, extra: str = "", data: str = "train.jsonl") -> object:
+    """A parsed sft recipe on the demo model reading `data` (extra: more lines of its data section)."""
+    text = f"stage: sft\nbase_model: {{name: demo}}\ndata:\n  train: [{{path: {data}}}]\n  eval_fraction: 0.2\n{extra}output: {{dir: out}}\n"
+    return parse_recipe(text, str(tmp_path / "r.yaml"))
+
+
+CODE_WORD_ROWS = [
+    {"messages": [{"role": "user", "content": f"What is the code word {i}?"}, {"role": "assistant", "content": "The code word is pineapple."}]}
+    for i in range(24)
+]
+
+
+def code_word_recipe(tmp_path: Path, model: Path, extra: str = "", rows=CODE_WORD_ROWS) -> Path:
+    """An sft recipe a tiny model learns in 6 steps: the code word is pineapple."""
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"stage: sft\nbase_model: {{name: {model}}}\n"
+        "data:\n  train: [{path: train.jsonl}]\n  eval_fraction: 0.25\n  max_length: 64\n"
+        "adapter: {r: 8, alpha: 16}\n"
+        "training:\n  learning_rate: 2.0e-2\n  batch_size: 2\n  max_steps: 6\n  eval_steps: 3\n  warmup_ratio: 0\n"
+        f"{extra}output: {{dir: run}}\n"
+    )
+    return recipe
+
+
+ADDITION_PROMPTS = [{"prompt": f"What is {a} plus {b}?", "answer": a + b} for a in range(1, 7) for b in range(1, 5)]
+# A verifiable toy task a random tiny model can learn in a few steps: the share of vowels in the completion.
+DIGITS = "def digits(prompts, completions, **columns):\n    return [sum(ch in 'aeiou' for ch in c) / max(len(c), 1) for c in completions]\n"
+
+
+def write_grpo_recipe(folder: Path, model: Path, *, rewards_yaml: str = "[{type: function, function: rewards.py:digits}]",
+                      grpo: str = "{num_generations: 4, max_completion_length: 12}", training: dict | None = None, extra: str = "",
+                      rows=ADDITION_PROMPTS, reward_code: str = DIGITS, eval_fraction: float = 0.2) -> Path:
+    """A grpo recipe on the addition prompts, rewarded by a function in rewards.py (default: DIGITS)."""
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "rewards.py").write_text(reward_code)
+    path = folder / "recipe.yaml"
+    path.write_text(
+        f"stage: grpo\nbase_model: {{name: {model}}}\n"
+        f"data:\n  train: [{{path: data.jsonl}}]\n  eval_fraction: {eval_fraction}\n  max_length: 64\n"
+        f"grpo: {grpo}\nrewards: {rewards_yaml}\n"
+        f"training: {json.dumps({'learning_rate': 1.0e-2, 'batch_size': 2, 'max_steps': 2, 'warmup_ratio': 0, **(training or {})})}\n"
+        f"{extra}output: {{dir: run}}\n")
+    return path
+
+
+RM_PAIRS = [{"prompt": f"Reply to message {i}.", "chosen": f"Thank you kindly for message {i}!", "rejected": f"Go away, message {i}."}
+            for i in range(24)]
+
+
+def rm_recipe(folder: Path, model, *, rows=RM_PAIRS, rm: str = "{center_coefficient: 0.01}", extra: str = "",
+              training: str = "max_steps: 6, batch_size: 4, eval_steps: 3, learning_rate: 1.0e-3", out: str = "run") -> Path:
+    """An rm recipe on RM_PAIRS (the session's `rm_run` fixture is trained from it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if rows is not None:
+        write_jsonl(folder / "pairs.jsonl", rows)
+    path = folder / "recipe.yaml"
+    path.write_text(f"stage: rm\nbase_model: {{name: {model}}}\ndata:\n  train: [{{path: pairs.jsonl}}]\n  eval_fraction: 0.25\n"
+                    f"  max_length: 64\n" + (f"rm: {rm}\n" if rm is not None else "") + extra
+                    + f"training: {{{training}}}\noutput: {{dir: {out}}}\n")
+    return path
+
+
 def snapshot(root: Path) -> list:
     """Names, sizes, times and contents of everything under root (links as links: they may be broken)."""
     def content(path: Path) -> str:
@@ -127,8 +217,8 @@ def refused(argv: list[str], needles: list[str], root: Path, monkeypatch, capsys
 _PAUSING = """
 import sys, time
 from pathlib import Path
-from ftune.train import checkpoints
 from ftune.cli import main
+from ftune.train import checkpoints
 pause_at, marker = int(sys.argv.pop(1)), Path(sys.argv.pop(1))
 save = checkpoints.save_checkpoint
 def save_then_pause(run_dir, step, *args, **kwargs):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from helpers import (
-    GOOD_ROWS, PAIRS, bin_only_model, empty_dir, invoke, recipe_text, refused, setup, sft_run_dir, silent_template_model, with_file,
+    GOOD_ROWS, PAIRS, bin_only_model, empty_dir, invoke, recipe_text, refused, setup, sft_run_dir, silent_template_model, snapshot,
+    with_file,
 )
 
 # name -> (build(tmp, model) -> argv, substrings the message must contain)
@@ -76,10 +77,12 @@ def test_bad_input_gets_a_clear_message_and_changes_nothing(name, tmp_path, tiny
 
 
 def test_disk_full_during_the_final_save_keeps_the_previous_state(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """--overwrite of a completed run whose final save meets a full disk: the earlier run is there, as it was."""
     argv = setup(tmp_path, tiny_model_dir)
     assert invoke([*argv], monkeypatch, capsys)[0] in (0, None)
     run_dir = tmp_path / "run"
-    previous = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    before = snapshot(run_dir)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
     import peft.peft_model
 
@@ -88,10 +91,12 @@ def test_disk_full_during_the_final_save_keeps_the_previous_state(tmp_path, tiny
         raise OSError(errno.ENOSPC, "No space left on device", str(filename))
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)  # what peft's save_pretrained calls
-    code, output = invoke([*argv, "--overwrite", "--set", "output.dir=run2"], monkeypatch, capsys)
+    code, output = invoke([*argv, "--overwrite"], monkeypatch, capsys)  # the same run directory: a real replacement
     assert code == 1 and "No space left on device" in output and "Traceback" not in output
-    assert not (tmp_path / "run2" / "adapter").exists() and not list((tmp_path / "run2").glob(".adapter.partial-*"))
-    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == previous
+    assert "replacing the run in" in output  # it did set the earlier run aside to write its own in its place
+    # The earlier run is back in its place, byte for byte (names, sizes, times, contents), and nothing is left beside it.
+    assert snapshot(run_dir) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "recipe.yaml", "run"]
 
 
 def test_the_corpus_is_large_enough():

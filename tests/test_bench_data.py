@@ -1,4 +1,4 @@
-"""scripts/make_big_dataset.py and the data part of the benchmark report (scripts/bench_data.py, bench_report.py)."""
+"""scripts/make_big_dataset.py and the data part of the benchmark report (scripts/bench_data_report.py, bench_report.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-import bench_data  # noqa: E402
+import bench_data_report  # noqa: E402
 import bench_report  # noqa: E402
 import make_big_dataset  # noqa: E402
 
@@ -89,7 +89,7 @@ def data_report() -> dict:
     report = {"command": "python scripts/bench_data.py", "settings": {"rows": [100_000, 1_000_000], "repeats": 1, "max_length": 512,
                                                                       "num_proc": 2, "ftune_num_proc_field": True, "threads": 1},
               "prep": prep, "training": training}
-    report["summary"] = bench_data.summary(report)
+    report["summary"] = bench_data_report.summary(report)
     return report
 
 
@@ -98,14 +98,14 @@ def test_data_targets_are_judged_from_the_medians():
     summary = report["summary"]
     assert summary["100000"]["speedup"] == pytest.approx(2.5) and summary["100000"]["memory_ratio"] == pytest.approx(0.375)
     assert summary["scaling"]["time_ratio"] == pytest.approx(10.5) and summary["training_memory_ratio"] == 1.05
-    rows = {t["target"]: t for t in bench_data.targets(report, bench_report.TARGETS)}
+    rows = {t["target"]: t for t in bench_data_report.targets(report, bench_report.TARGETS)}
     assert rows["data preparation speed vs TRL SFTTrainer, 100,000 rows (2 processes each)"]["status"] == "met"
     assert rows["data preparation speed vs TRL SFTTrainer, 1,000,000 rows (2 processes each)"]["measured"] == "2.29x"
     assert rows["data preparation time, 1,000,000 rows / 100,000 rows"]["goal"] == "<= 11"
     assert rows["training peak RSS, 1,000,000 cached rows / 10,000"]["status"] == "met"
     report["prep"]["1000000"]["medians"]["ftune"]["wall_s"] = 300.0  # 15x the time for 10x the rows
-    report["summary"] = bench_data.summary(report)
-    rows = {t["target"]: t for t in bench_data.targets(report, bench_report.TARGETS)}
+    report["summary"] = bench_data_report.summary(report)
+    rows = {t["target"]: t for t in bench_data_report.targets(report, bench_report.TARGETS)}
     assert rows["data preparation time, 1,000,000 rows / 100,000 rows"]["status"] == "missed"
 
 

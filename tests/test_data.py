@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -24,6 +20,7 @@ from ftune.data.render_proof import audit_labels
 from ftune.data.sources import read_source
 from ftune.errors import FtuneError
 from ftune.recipe import parse_recipe
+from helpers import recipe_for, write_rows
 
 
 def trained_text(tokenizer, ids, labels) -> str:
@@ -131,25 +128,6 @@ def test_conversational_preference_shares_prompt():
     assert pair.prompt == tuple(prompt) and pair.chosen[0]["content"] == "Blue." and pair.rejected[0]["content"] == "No."
 
 
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    suffix = path.suffix
-    if suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif suffix == ".json":
-        path.write_text(json.dumps(rows, indent=1))
-    elif suffix == ".csv":
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    elif suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
-
-
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
 def test_every_file_type_reads_with_places(tmp_path, suffix):
     rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(3)]
@@ -167,11 +145,6 @@ def test_source_errors_name_file_and_line(tmp_path):
         read_source("latin1.jsonl", base_dir=tmp_path)
     with pytest.raises(FtuneError, match="does not exist"):
         read_source("missing.jsonl", base_dir=tmp_path)
-
-
-def recipe_for(tmp_path: Path, extra: str = "", data: str = "train.jsonl") -> object:
-    text = f"stage: sft\nbase_model: {{name: demo}}\ndata:\n  train: [{{path: {data}}}]\n  eval_fraction: 0.2\n{extra}output: {{dir: out}}\n"
-    return parse_recipe(text, str(tmp_path / "r.yaml"))
 
 
 def test_bad_rows_stop_or_are_skipped_and_counted(tmp_path, tokenizer, formatter):

@@ -15,9 +15,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ftune.train.distributed import accelerate_config, decoder_layer_class
 from ftune.errors import RecipeError
 from ftune.recipe import DistributedSection, parse_recipe
+from ftune.train.distributed import accelerate_config, decoder_layer_class
 
 ROWS = [
     {"messages": [{"role": "user", "content": f"What is the code word {i}?"}, {"role": "assistant", "content": "The code word is pineapple."}]}

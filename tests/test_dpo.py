@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftune.data.rendering import IGNORE, make_formatter
 from ftune.data.formats import convert, detect_format
+from ftune.data.pairs import encode_pairs
 from ftune.data.pipeline import DataReport
+from ftune.data.rendering import IGNORE, make_formatter
 from ftune.errors import FtuneError
-from ftune.train.preference import encode_pairs, preference_loss
 from ftune.recipe import PreferenceSection
 from ftune.stages import dpo, sft
+from ftune.train.preference import preference_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,10 +174,10 @@ def test_splitting_pairs_into_passes_changes_memory_not_the_update(tmp_path, tin
 
 
 def test_dpo_continues_an_sft_run_whose_model_is_the_reference(tmp_path, tiny_model_dir):
-    from tests.test_sft import make_recipe
+    from helpers import code_word_recipe
 
     (tmp_path / "sft").mkdir()
-    sft_dir = sft.run(make_recipe(tmp_path / "sft", tiny_model_dir))
+    sft_dir = sft.run(code_word_recipe(tmp_path / "sft", tiny_model_dir))
     recipe = dpo_recipe(tmp_path, tiny_model_dir)
     recipe.write_text(recipe.read_text().replace("{method: dpo, beta: 0.5}", f"{{method: dpo, beta: 0.5, init_from: {sft_dir}}}"))
     run_dir = dpo.run(recipe)

@@ -14,7 +14,7 @@ from terminal import Terminal
 from ftune.commands import chat
 from ftune.commands.evaluate import run_eval
 from ftune.stages import sft
-from tests.test_sft import make_recipe
+from helpers import code_word_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = chat.Sampling(max_new_tokens=6, temperature=0.0)
@@ -24,7 +24,7 @@ GREEDY = chat.Sampling(max_new_tokens=6, temperature=0.0)
 def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A finished LoRA run on the tiny model that has learned the code word."""
     root = tmp_path_factory.mktemp("tiny-run")
-    recipe = make_recipe(root, tiny_model_dir)
+    recipe = code_word_recipe(root, tiny_model_dir)
     recipe.write_text(recipe.read_text().replace("max_steps: 6\n  eval_steps: 3\n", "max_steps: 8\n"))
     return sft.run(recipe)
 

@@ -17,7 +17,7 @@ import yaml
 
 from ftune.stages import sft
 from helpers import invoke, snapshot
-from tests.test_sft import make_recipe
+from helpers import code_word_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
@@ -29,7 +29,7 @@ def trained(tmp_path_factory, tiny_model_dir) -> Path:
     """A finished run whose recipe (and data) sit in one folder and whose run directory in another."""
     root = tmp_path_factory.mktemp("eval-misc")
     (root / "recipes").mkdir()
-    recipe = make_recipe(root / "recipes", tiny_model_dir)
+    recipe = code_word_recipe(root / "recipes", tiny_model_dir)
     return sft.run(recipe, [f"output.dir={root / 'elsewhere' / 'run'}"])
 
 
@@ -230,7 +230,7 @@ def test_lm_eval_tasks_without_lm_eval_say_how_to_install_it(tiny_model_dir, mon
 
 
 def test_training_off_a_terminal_prints_one_plain_line_per_logging_step(tmp_path, tiny_model_dir):
-    recipe = make_recipe(tmp_path, tiny_model_dir)
+    recipe = code_word_recipe(tmp_path, tiny_model_dir)
     env = {k: v for k, v in os.environ.items() if k != "FTUNE_NO_PROGRESS"}  # as in CI logs, SLURM or `| tee`
     result = subprocess.run([sys.executable, "-m", "ftune", "sft", str(recipe)], env=env, capture_output=True, text=True,
                             timeout=600, cwd=tmp_path)

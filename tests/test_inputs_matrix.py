@@ -103,17 +103,6 @@ def _file(command: str, case: str) -> bytes:
     return b"\n".join([good[0], make(command), *good[1:]]) + b"\n"
 
 
-@pytest.fixture(scope="module")
-def rm_run(tmp_path_factory, tiny_model_dir) -> Path:
-    """A small reward model (one step) for `ftune score`: it must be a real one before any row is read."""
-    from ftune.stages import rm
-
-    folder = tmp_path_factory.mktemp("rm")
-    write_jsonl(folder / "pairs.jsonl", PAIRS)
-    (folder / "recipe.yaml").write_text(recipe_text(tiny_model_dir, "pairs.jsonl", stage="rm", extra="rm: {}\n"))
-    return rm.run(folder / "recipe.yaml")
-
-
 _RM: dict = {}  # the reward model run, for score --data
 
 
@@ -378,8 +367,8 @@ CHECKPOINT_DAMAGE = {
 
 @pytest.mark.parametrize("damage", CHECKPOINT_DAMAGE)
 def test_a_damaged_checkpoint_is_refused_naming_the_file(damage, tmp_path):
-    from ftune.train.checkpoints import load_checkpoint
     from ftune.errors import FtuneError
+    from ftune.train.checkpoints import load_checkpoint
 
     path, parts = _checkpoint(tmp_path)
     assert load_checkpoint(path, *parts)["step"] == 1  # whole, it restores
@@ -448,8 +437,8 @@ def test_a_nan_score_is_written_as_null_and_counted(rm_run, tmp_path, monkeypatc
 
 
 def test_the_writer_refuses_nan_and_a_report_says_where_it_wrote_null():
-    from ftune.guards import textio
     from ftune.errors import FtuneError
+    from ftune.guards import textio
 
     with pytest.raises(FtuneError) as caught:
         textio.dumps({"loss": float("nan")}, place="run.json")

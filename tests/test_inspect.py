@@ -127,8 +127,8 @@ def test_masking_view_colours_trained_and_masked_tokens(tiny_model_dir):
     from rich.style import Style
     from transformers import AutoTokenizer
 
-    from ftune.data.rendering import make_formatter
     from ftune.data.formats import Chat
+    from ftune.data.rendering import make_formatter
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     formatter = make_formatter(tokenizer)
@@ -160,8 +160,8 @@ def test_masking_view_colours_trained_and_masked_tokens(tiny_model_dir):
 MEASURE = """
 import json, sys
 from pathlib import Path
-from ftune.train import training
 from ftune.stages import sft
+from ftune.train import training
 
 def status(field):
     with open("/proc/self/status") as f:

@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from ftune.data.rendering import IGNORE
 from ftune.commands.inspection import inspect_recipe
-from helpers import assert_refused, invoke, snapshot, write_jsonl
-from test_grpo import PROMPTS, write_recipe
-from test_rm import rm_recipe
+from ftune.data.rendering import IGNORE
+from helpers import ADDITION_PROMPTS, assert_refused, invoke, rm_recipe, snapshot, write_grpo_recipe, write_jsonl
 
 SYSTEM = "Answer with the number only."
 PAIRS = [{"prompt": f"Say something about {i}.", "chosen": f"Number {i} is a fine number.", "rejected": f"No. {i}."} for i in range(16)]
@@ -25,7 +23,7 @@ def grpo_recipe(folder: Path, model: Path, **kw) -> Path:
                                   "{type: function, function: rewards.py:digits, weight: 0.25}]")
     kw.setdefault("training", {"batch_size": 2, "gradient_accumulation_steps": 2, "epochs": 0.2, "max_steps": None, "eval_steps": 3})
     kw.setdefault("extra", "evaluation: {max_eval_samples: 3}\n")
-    path = write_recipe(folder, model, grpo="{num_generations: 3, max_completion_length: 4}", **kw)
+    path = write_grpo_recipe(folder, model, grpo="{num_generations: 3, max_completion_length: 4}", **kw)
     path.write_text(path.read_text().replace("  max_length: 64\n", f"  max_length: 64\n  system_prompt: {SYSTEM}\n"))
     return path
 
@@ -47,7 +45,7 @@ def test_grpo_prompts_are_rendered_as_the_policy_sees_them(tmp_path, tiny_model_
         assert shown["columns"] == {"answer": row["answer"]}  # every column but the prompt goes to the rewards
     assert [(r["label"], r["type"], r["weight"]) for r in n["rewards"]] == [
         ("exact_answer", "exact_answer", 1.0), ("format", "format", 0.5), ("digits", "function", 0.25)]
-    assert n["train_prompts"] + n["eval_prompts"] == len(PROMPTS) and n["held_out_scored"] == 3
+    assert n["train_prompts"] + n["eval_prompts"] == len(ADDITION_PROMPTS) and n["held_out_scored"] == 3
     # 2 prompts x 2 accumulation x 1 process = 4 prompts a step, x 3 generations = 12 completions
     assert (n["prompts_per_step"], n["num_generations"], n["completions_per_step"]) == (4, 3, 12)
     assert n["prompt_room"] == 64 - 4

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftune.train import steps
 from ftune.recipe import parse_recipe
 from ftune.stages import dpo, sft
+from ftune.train import steps
 from helpers import invoke, snapshot, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import invoke, snapshot
-from test_merge import PROMPTS, make_run
+from peft_runs import PROMPTS, make_run
 
 from ftune.errors import FtuneError
 
@@ -253,9 +253,9 @@ def test_damaged_eval_prompts_are_named_by_line(tmp_path, run, monkeypatch, caps
 
 
 def test_merge_and_gguf_share_one_tolerance_and_one_prompt_set():
-    from ftune.modeling import compare
     from ftune.gguf import quant_types, verify
     from ftune.merge import parity as merge_parity
+    from ftune.modeling import compare
 
     assert quant_types.Tolerance is compare.Tolerance is merge_parity.Tolerance
     assert all(isinstance(t, compare.Tolerance) for t in merge_parity.TOLERANCES.values())
@@ -294,7 +294,7 @@ def test_gguf_parity_uses_the_held_out_prompts_of_the_run_a_merge_came_from(tmp_
 def test_safetensors_index_reader_reads_headers_only(tmp_path, tiny_model_dir):
     from safetensors import safe_open
 
-    from ftune.modeling.weights import tensor_index
+    from ftune.guards.weights import tensor_index
 
     index = tensor_index(Path(tiny_model_dir))
     with safe_open(Path(tiny_model_dir) / "model.safetensors", framework="pt") as handle:

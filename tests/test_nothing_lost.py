@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ftune.artifacts import runs
+from ftune.artifacts import lock, ownership, runs
 from helpers import GOOD_ROWS, PAIRS, assert_refused, invoke, recipe_text, setup, sft_run_dir, snapshot, write_jsonl
 
 
@@ -185,7 +185,7 @@ def test_overwrite_replaces_an_ftune_run_and_deletes_the_old_one_only_after(tmp_
     assert seen == [1], "while the new run was built, the old one was kept aside"
     assert runs.set_aside_runs(run_dir) == [] and not list(tmp_path.glob(".run.*")), "and deleted once the new one completed"
     assert runs.read_run(run_dir).completed and "seed: 7" in (run_dir / runs.RECIPE_FILE).read_text()
-    assert not (run_dir / runs.LOCK_FILE).exists()
+    assert not (run_dir / lock.LOCK_FILE).exists()
 
 
 def test_a_crash_while_replacing_leaves_the_old_run_as_it_was(tmp_path, tiny_model_dir, monkeypatch, capsys):
@@ -210,7 +210,7 @@ def test_a_replacement_killed_midway_is_put_back_by_the_next_command(tmp_path, t
     # What SIGKILL during `--overwrite` leaves: the old run set aside, the new one begun (no checkpoint yet).
     aside = runs.set_aside(run_dir)
     run_dir.mkdir()
-    (run_dir / runs.RUN_FILE).write_text(json.dumps({"ftune_version": "0.1.0", "stage": "sft", "status": "running",
+    (run_dir / ownership.RUN_FILE).write_text(json.dumps({"ftune_version": "0.1.0", "stage": "sft", "status": "running",
                                                      "base_model": {"name": str(tiny_model_dir)}}))
     code, output = invoke(argv, monkeypatch, capsys)
     assert_refused(code, output, ["put back the run set aside", "already holds a completed run", "--overwrite"])
@@ -230,7 +230,7 @@ def test_smoke_replaces_its_own_earlier_smoke_run(tmp_path, tiny_model_dir, monk
 
 
 def hold_lock(run_dir: Path) -> subprocess.Popen:
-    code = f"import time; from ftune.artifacts.runs import RunLock; RunLock({str(run_dir)!r}).acquire(); print('held', flush=True); time.sleep(300)"
+    code = f"import time; from ftune.artifacts.lock import RunLock; RunLock({str(run_dir)!r}).acquire(); print('held', flush=True); time.sleep(300)"
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
     assert holder.stdout.readline().strip() == "held"
     return holder
@@ -243,7 +243,7 @@ def test_a_second_process_is_refused_with_the_holders_pid(flags, tmp_path, tiny_
     try:
         before = snapshot(tmp_path)
         code, output = invoke([*argv, *flags], monkeypatch, capsys)
-        assert_refused(code, output, [f"is in use by process {holder.pid}", str(tmp_path / "run" / runs.LOCK_FILE)])
+        assert_refused(code, output, [f"is in use by process {holder.pid}", str(tmp_path / "run" / lock.LOCK_FILE)])
         assert snapshot(tmp_path) == before
     finally:
         holder.kill()
@@ -255,28 +255,28 @@ def test_a_stale_lock_of_a_killed_process_is_taken_over(tmp_path, tiny_model_dir
     holder = hold_lock(tmp_path / "run")
     holder.kill()
     holder.wait()
-    assert (tmp_path / "run" / runs.LOCK_FILE).is_file() and runs.lock_holder(tmp_path / "run") is None
+    assert (tmp_path / "run" / lock.LOCK_FILE).is_file() and lock.lock_holder(tmp_path / "run") is None
     code, output = invoke(argv, monkeypatch, capsys)
     assert code in (0, None), output
     assert f"took over the lock of process {holder.pid}" in output
-    assert runs.read_run(tmp_path / "run").completed and not (tmp_path / "run" / runs.LOCK_FILE).exists()
+    assert runs.read_run(tmp_path / "run").completed and not (tmp_path / "run" / lock.LOCK_FILE).exists()
 
 
 def test_processes_started_by_the_launcher_use_its_lock(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    child = ("import os; from ftune.artifacts.runs import RunLock; lock = RunLock(os.environ['RUN_DIR']).acquire(); "
+    child = ("import os; from ftune.artifacts.lock import RunLock; lock = RunLock(os.environ['RUN_DIR']).acquire(); "
              "print(lock.inherited); lock.release()")
-    with runs.RunLock(run_dir) as lock:
+    with lock.RunLock(run_dir) as held:
         env = {**os.environ, "RUN_DIR": str(run_dir), "FTUNE_LAUNCHED": "1"}  # what `accelerate launch` children see
         result = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
         assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr
-        assert (run_dir / runs.LOCK_FILE).is_file(), "a child leaves its launcher's lock alone"
+        assert (run_dir / lock.LOCK_FILE).is_file(), "a child leaves its launcher's lock alone"
         # An unrelated process (not launched by this one) is refused.
         env.pop("FTUNE_LAUNCHED")
         result = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
         assert result.returncode != 0 and f"in use by process {os.getpid()}" in result.stderr
-        assert not lock.inherited
-    assert not (run_dir / runs.LOCK_FILE).exists()
+        assert not held.inherited
+    assert not (run_dir / lock.LOCK_FILE).exists()
 
 
 # --------------------------------------------------------------------------- merge and export outputs
@@ -293,7 +293,7 @@ def adapter_run(tmp_path, tiny_model_dir) -> Path:
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     run = tmp_path / "work" / "run"
     model.save_pretrained(run / runs.ADAPTER_DIR)
-    (run / runs.RUN_FILE).write_text(json.dumps({
+    (run / ownership.RUN_FILE).write_text(json.dumps({
         "ftune_version": "0.1.0", "stage": "sft", "status": "completed",
         "base_model": {"name": str(tiny_model_dir), "path": str(tiny_model_dir), "revision": None, "trust_remote_code": False},
         "adapter": {"method": "lora"}, "quantization": {"load_in_4bit": False}, "dtype": "float32", "global_step": 1,
@@ -344,7 +344,7 @@ def test_merge_overwrite_replaces_its_own_earlier_output(tmp_path, adapter_run, 
     out = tmp_path / "merged"
     code, output = invoke(["merge", str(adapter_run), "--out", str(out), "--no-verify"], monkeypatch, capsys)
     assert code in (0, None), output
-    assert (out / runs.OUTPUT_MARKER).is_file()
+    assert (out / ownership.OUTPUT_MARKER).is_file()
     code, output = invoke(["merge", str(adapter_run), "--out", str(out), "--no-verify"], monkeypatch, capsys)
     assert_refused(code, output, ["already exists", "--overwrite"])  # ftune's own: the flag is the way
     code, output = invoke(["merge", str(adapter_run), "--out", str(out), "--no-verify", "--overwrite"], monkeypatch, capsys)
@@ -432,7 +432,7 @@ def test_chat_never_trusts_remote_code_because_a_run_directory_says_so(tmp_path,
     torch.manual_seed(0)
     run = tmp_path / "downloaded-run"
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(run / "adapter")
-    (run / runs.RUN_FILE).write_text(json.dumps({
+    (run / ownership.RUN_FILE).write_text(json.dumps({
         "ftune_version": "0.1.0", "stage": "sft", "status": "completed",
         "base_model": {"name": str(base), "path": str(base), "revision": None, "trust_remote_code": True},
         "adapter": {"method": "lora"}, "quantization": {"load_in_4bit": False},

@@ -14,38 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from ftune.modeling import reward_model
-from ftune.data.rendering import IGNORE
 from ftune.data.packing import Encoded
-from helpers import invoke, snapshot, write_jsonl
+from ftune.data.rendering import IGNORE
+from ftune.modeling import reward_model
+from ftune.train import reward_training
+from helpers import RM_PAIRS, invoke, rm_recipe, snapshot, write_jsonl
 from helpers import adapter, kill_9_after_checkpoint, start
 
 ROOT = Path(__file__).resolve().parent.parent
-PAIRS = [{"prompt": f"Reply to message {i}.", "chosen": f"Thank you kindly for message {i}!", "rejected": f"Go away, message {i}."}
-         for i in range(24)]
-
-
-def rm_recipe(folder: Path, model, *, rows=PAIRS, rm: str = "{center_coefficient: 0.01}", extra: str = "",
-              training: str = "max_steps: 6, batch_size: 4, eval_steps: 3, learning_rate: 1.0e-3", out: str = "run") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    if rows is not None:
-        write_jsonl(folder / "pairs.jsonl", rows)
-    path = folder / "recipe.yaml"
-    path.write_text(f"stage: rm\nbase_model: {{name: {model}}}\ndata:\n  train: [{{path: pairs.jsonl}}]\n  eval_fraction: 0.25\n"
-                    f"  max_length: 64\n" + (f"rm: {rm}\n" if rm is not None else "") + extra
-                    + f"training: {{{training}}}\noutput: {{dir: {out}}}\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def rm_run(tmp_path_factory, tiny_model_dir) -> Path:
-    """One small reward model on the tiny model, trained through the CLI (shared by the tests that read it)."""
-    from ftune.stages import rm
-
-    folder = tmp_path_factory.mktemp("rm")
-    return rm.run(rm_recipe(folder, tiny_model_dir))
-
-
 def plain_model(run_dir: Path):
     """The run's adapter in plain transformers + peft, as the run card says to load it."""
     from peft import PeftModel
@@ -68,13 +44,13 @@ def alone(model, sequences: list[list[int]]) -> list[float]:
 def test_the_loss_is_bradley_terry_with_margin_and_centering():
     chosen, rejected = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([0.0, 0.5, 2.5])
     margins, center = torch.tensor([0.5, 0.0, 1.0]), 0.1
-    got = reward_model.pair_losses(chosen, rejected, margins, center)
+    got = reward_training.pair_losses(chosen, rejected, margins, center)
     expected = [math.log1p(math.exp(-(c - r - m))) + center * (c + r) ** 2
                 for c, r, m in zip(chosen.tolist(), rejected.tolist(), margins.tolist())]
     torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-6, atol=1e-6)
-    plain = reward_model.pair_losses(chosen, rejected)  # no margin, no centering: -log sigmoid(r_c - r_r)
+    plain = reward_training.pair_losses(chosen, rejected)  # no margin, no centering: -log sigmoid(r_c - r_r)
     torch.testing.assert_close(plain, -torch.nn.functional.logsigmoid(chosen - rejected))
-    figures = reward_model.pair_figures(chosen, rejected)
+    figures = reward_training.pair_figures(chosen, rejected)
     assert figures["reward_accuracy"] == (1.0, 3.0)  # only the first pair prefers chosen
     assert figures["reward_margin"][0] == pytest.approx(1.0 - 1.0 - 0.5)
     assert figures["reward_mean"] == (pytest.approx(5.5), 6.0)
@@ -141,7 +117,7 @@ def test_the_adapter_loads_in_plain_peft_and_scores_as_ftune_does(rm_run):
     model = plain_model(rm_run)
     assert scorer.score_ids(sequences) == pytest.approx(alone(model, sequences), abs=1e-4)
     # the run card's recipe, as written there: the tokenizer's own chat template, then the model
-    messages = [{"role": "user", "content": PAIRS[0]["prompt"]}, {"role": "assistant", "content": PAIRS[0]["chosen"]}]
+    messages = [{"role": "user", "content": RM_PAIRS[0]["prompt"]}, {"role": "assistant", "content": RM_PAIRS[0]["chosen"]}]
     inputs = scorer.tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         plain = float(model(**inputs).logits[0, 0])
@@ -162,7 +138,7 @@ def test_eval_reports_the_held_out_pairwise_accuracy_training_logged(rm_run, tmp
 
 
 def test_score_writes_rewards_for_pairs_and_rows_and_replaces_only_its_own_output(rm_run, tmp_path, monkeypatch, capsys):
-    rows = [PAIRS[0], {"prompt": "Reply to message 3.", "completion": "Thank you kindly!"}, {"text": "hello"},
+    rows = [RM_PAIRS[0], {"prompt": "Reply to message 3.", "completion": "Thank you kindly!"}, {"text": "hello"},
             {"messages": [{"role": "user", "content": "Reply to message 4."}, {"role": "assistant", "content": "Go away, message 4."}]}]
     write_jsonl(tmp_path / "rows.jsonl", rows)
     code, output = invoke(["score", str(rm_run), "--data", str(tmp_path / "rows.jsonl")], monkeypatch, capsys)
@@ -171,7 +147,7 @@ def test_score_writes_rewards_for_pairs_and_rows_and_replaces_only_its_own_outpu
     assert scored[0]["reward_margin"] == pytest.approx(scored[0]["reward_chosen"] - scored[0]["reward_rejected"])
     assert all("reward" in row for row in scored[1:]) and scored[3]["messages"] == rows[3]["messages"]
     # a pair's sides score as the same conversation given as one row
-    as_row = [{"messages": [{"role": "user", "content": PAIRS[0]["prompt"]}, {"role": "assistant", "content": PAIRS[0]["chosen"]}]}]
+    as_row = [{"messages": [{"role": "user", "content": RM_PAIRS[0]["prompt"]}, {"role": "assistant", "content": RM_PAIRS[0]["chosen"]}]}]
     write_jsonl(tmp_path / "one.jsonl", as_row)
     assert invoke(["score", str(rm_run), "--data", str(tmp_path / "one.jsonl")], monkeypatch, capsys)[0] in (0, None)
     one = json.loads((tmp_path / "one.scored.jsonl").read_text())
@@ -231,7 +207,7 @@ def test_init_from_an_sft_run_starts_from_its_adapter(tmp_path, tiny_model_dir, 
     assert invoke(["sft", str(tmp_path / "sft.yaml")], monkeypatch, capsys)[0] in (0, None)
     sft_adapter = tmp_path / "sft-run" / "adapter"
     recipe = rm_recipe(tmp_path, tiny_model_dir, rm="{init_from: sft-run}", training="max_steps: 1, batch_size: 4")
-    model = reward_model.build_model(load_recipe(recipe), str(tiny_model_dir), torch.float32, adapter_from=sft_adapter)
+    model = reward_training.build_model(load_recipe(recipe), str(tiny_model_dir), torch.float32, adapter_from=sft_adapter)
     trained = load_file(sft_adapter / "adapter_model.safetensors")
     state = {k.replace(".default", ""): v for k, v in model.state_dict().items()}
     assert trained and all(torch.equal(state[k], v) for k, v in trained.items())  # every SFT weight, unchanged
@@ -283,7 +259,7 @@ def test_two_processes_train_as_one(tmp_path, tiny_model_dir, monkeypatch, capsy
 # --------------------------------------------------------------------------- bad inputs
 
 
-def recipe_case(rows=PAIRS, **kw):
+def recipe_case(rows=RM_PAIRS, **kw):
     return lambda t, m, run: ["rm", str(rm_recipe(t, m, rows=rows, **kw))]
 
 
@@ -305,16 +281,16 @@ CASES = {
     "virtual-tokens": (recipe_case(extra="adapter: {method: prompt_tuning}\n"), ["adapter.method", "prompt_tuning"]),
     "negative-center": (recipe_case(rm="{center_coefficient: -1}"), ["rm.center_coefficient"]),
     "margin-missing": (recipe_case(rm="{use_margin: true}"), ["pairs.jsonl line", "missing field 'margin'"]),
-    "margin-not-a-number": (recipe_case(rows=[{**p, "margin": "big"} for p in PAIRS], rm="{use_margin: true}"),
+    "margin-not-a-number": (recipe_case(rows=[{**p, "margin": "big"} for p in RM_PAIRS], rm="{use_margin: true}"),
                             ["pairs.jsonl line", "field 'margin' must be a number"]),
-    "margin-infinite": (recipe_case(rows=[{**p, "margin": 1e309} for p in PAIRS], rm="{use_margin: true}"),
+    "margin-infinite": (recipe_case(rows=[{**p, "margin": 1e309} for p in RM_PAIRS], rm="{use_margin: true}"),
                         ["pairs.jsonl line", "field 'margin'"]),
     "init-from-not-a-run": (lambda t, m, run: ["rm", str(rm_recipe(t, m, rm=f"{{init_from: {t}}}"))], ["is not an ftune run directory"]),
     "init-from-full-ft": (lambda t, m, run: ["rm", str(rm_recipe(t, m, rm=f"{{init_from: {run}}}", extra="adapter: {method: none}\n"))],
                           ["rm.init_from continues an adapter"]),
     "score-not-a-reward-model": (lambda t, m, run: ["score", str(fake_run(t, "sft")), "--data", str(_rows(t))], ["needs a reward-model run from ftune rm"]),
     "score-missing-data": (lambda t, m, run: ["score", str(run), "--data", str(t / "nope.jsonl")], ["nope.jsonl does not exist"]),
-    "score-bad-row": (lambda t, m, run: ["score", str(run), "--data", str(_rows(t, [PAIRS[0], {"question": "?"}]))],
+    "score-bad-row": (lambda t, m, run: ["score", str(run), "--data", str(_rows(t, [RM_PAIRS[0], {"question": "?"}]))],
                       ["rows.jsonl line 2", "cannot tell the format"]),
     "score-out-is-data": (lambda t, m, run: ["score", str(run), "--data", str(_rows(t)), "--out", str(_rows(t))], ["is the data file"]),
     "score-foreign-out": (lambda t, m, run: ["score", str(run), "--data", str(_rows(t)), "--out", str(_foreign(t)), "--overwrite"],
@@ -331,7 +307,7 @@ def _as_sft(recipe: Path) -> Path:
     return recipe
 
 
-def _rows(tmp: Path, rows=(PAIRS[0],)) -> Path:
+def _rows(tmp: Path, rows=(RM_PAIRS[0],)) -> Path:
     write_jsonl(tmp / "rows.jsonl", list(rows))
     return tmp / "rows.jsonl"
 
@@ -369,8 +345,8 @@ def test_the_demo_recipe_lifts_held_out_accuracy(tmp_path, demo_model_dir):
 
 
 def test_unlabelled_sequences_go_to_eval_prompts_whole():
-    from ftune.train.preference import PairSet
+    from ftune.data.pairs import PairSet
 
-    pairs = reward_model.first_pairs(PairSet(Encoded.from_lists([([1, 2, 3], [IGNORE, 2, 3]), ([1, 4], [IGNORE, 4])])), 1)
-    (ids, labels), (ids2, _) = list(reward_model.whole_sequences(pairs))
+    pairs = PairSet(Encoded.from_lists([([1, 2, 3], [IGNORE, 2, 3]), ([1, 4], [IGNORE, 4])])).head(1)
+    (ids, labels), (ids2, _) = list(reward_training.whole_sequences(pairs))
     assert ids.tolist() == [1, 2, 3] and np.all(labels == IGNORE) and ids2.tolist() == [1, 4]

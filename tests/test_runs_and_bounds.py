@@ -31,19 +31,9 @@ REWARD_CODE = "def digits(prompts, completions, **kw):\n    return [float(any(c.
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
-    """A tiny finished SFT run and a tiny finished reward-model run, trained through the stages."""
-    from ftune.stages import rm, sft
-
-    folder = tmp_path_factory.mktemp("runs")
-    write_jsonl(folder / "data.jsonl", [{"prompt": f"Say {i}.", "completion": f"{i}."} for i in range(8)])
-    write_jsonl(folder / "pairs.jsonl", PAIRS)
-    (folder / "sft.yaml").write_text(f"stage: sft\nbase_model: {{name: {tiny_model_dir}}}\ndata:\n  train: [{{path: data.jsonl}}]\n"
-                                     "  max_length: 32\ntraining: {max_steps: 1, batch_size: 2}\noutput: {dir: sft-run}\n")
-    (folder / "rm.yaml").write_text(f"stage: rm\nbase_model: {{name: {tiny_model_dir}}}\ndata:\n  train: [{{path: pairs.jsonl}}]\n"
-                                    "  eval_fraction: 0.25\n  max_length: 64\nrm: {}\ntraining: {max_steps: 1, batch_size: 2}\n"
-                                    "output: {dir: rm-run}\n")
-    return {"sft": sft.run(folder / "sft.yaml"), "rm": rm.run(folder / "rm.yaml")}
+def runs(tiny_sft_run, rm_run) -> dict[str, Path]:
+    """A tiny finished SFT run and a tiny finished reward-model run (tests/conftest.py: trained once per session)."""
+    return {"sft": tiny_sft_run, "rm": rm_run}
 
 
 def copy_run(run: Path, tmp: Path, name: str = "the-run") -> Path:

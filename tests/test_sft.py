@@ -13,36 +13,18 @@ import torch
 from safetensors.torch import load_file
 
 from ftune.errors import FtuneError
-from ftune.train.stopping import Interrupted
 from ftune.stages import sft
+from ftune.train.stopping import Interrupted
+from helpers import CODE_WORD_ROWS, code_word_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-
-ROWS = [
-    {"messages": [{"role": "user", "content": f"What is the code word {i}?"}, {"role": "assistant", "content": "The code word is pineapple."}]}
-    for i in range(24)
-]
-
-
-def make_recipe(tmp_path: Path, model: Path, extra: str = "", rows=ROWS) -> Path:
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        f"stage: sft\nbase_model: {{name: {model}}}\n"
-        "data:\n  train: [{path: train.jsonl}]\n  eval_fraction: 0.25\n  max_length: 64\n"
-        "adapter: {r: 8, alpha: 16}\n"
-        "training:\n  learning_rate: 2.0e-2\n  batch_size: 2\n  max_steps: 6\n  eval_steps: 3\n  warmup_ratio: 0\n"
-        f"{extra}output: {{dir: run}}\n"
-    )
-    return recipe
-
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_lora_run_learns_and_writes_a_complete_run_directory(tmp_path, tiny_model_dir):
-    run_dir = sft.run(make_recipe(tmp_path, tiny_model_dir))
+    run_dir = sft.run(code_word_recipe(tmp_path, tiny_model_dir))
     records = metrics(run_dir)
     losses = [r["loss"] for r in records if "loss" in r]
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
@@ -92,7 +74,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize(("name", "extra"), VARIANTS.items(), ids=list(VARIANTS))
 def test_adapter_variants_train(tmp_path, tiny_model_dir, name, extra):
-    recipe = make_recipe(tmp_path, tiny_model_dir)
+    recipe = code_word_recipe(tmp_path, tiny_model_dir)
     text = recipe.read_text()
     if extra.startswith("adapter:"):
         text = text.replace("adapter: {r: 8, alpha: 16}\n", extra)
@@ -119,7 +101,7 @@ def test_adapter_variants_train(tmp_path, tiny_model_dir, name, extra):
 def test_pissa_adapter_is_saved_as_a_plain_lora_for_the_original_base(tmp_path, tiny_model_dir):
     from ftune.merge import merge_to_dir
 
-    recipe = make_recipe(tmp_path, tiny_model_dir)
+    recipe = code_word_recipe(tmp_path, tiny_model_dir)
     recipe.write_text(recipe.read_text().replace("adapter: {r: 8, alpha: 16}", "adapter: {r: 8, alpha: 16, init: pissa}"))
     run_dir = sft.run(recipe)
     config = json.loads((run_dir / "adapter/adapter_config.json").read_text())
@@ -147,12 +129,12 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, tiny_model_dir, m
     extra = "  save_steps: 2\n"
     dropout = "adapter: {r: 8, alpha: 16, dropout: 0.1}\n"  # dropout makes the RNG state matter
     (tmp_path / "a").mkdir()
-    straight = make_recipe(tmp_path / "a", tiny_model_dir)
+    straight = code_word_recipe(tmp_path / "a", tiny_model_dir)
     straight.write_text(straight.read_text().replace("  warmup_ratio: 0\n", "  warmup_ratio: 0\n" + extra).replace("adapter: {r: 8, alpha: 16}\n", dropout))
     expected = load_file(sft.run(straight) / "adapter/adapter_model.safetensors")
 
     (tmp_path / "b").mkdir()
-    resumed = make_recipe(tmp_path / "b", tiny_model_dir)
+    resumed = code_word_recipe(tmp_path / "b", tiny_model_dir)
     resumed.write_text(straight.read_text())
     interrupt_at(monkeypatch, 3)
     with pytest.raises(Interrupted) as info:
@@ -176,7 +158,7 @@ def test_splitting_a_micro_batch_into_passes_changes_memory_not_the_update(tmp_p
     runs = {}
     for name, budget in (("one-pass", 100_000), ("pass-per-row", 1)):
         (tmp_path / name).mkdir()
-        recipe = make_recipe(tmp_path / name, tiny_model_dir, extra=f"  tokens_per_pass: {budget}\n")
+        recipe = code_word_recipe(tmp_path / name, tiny_model_dir, extra=f"  tokens_per_pass: {budget}\n")
         text = recipe.read_text().replace("batch_size: 2", "batch_size: 4").replace("max_steps: 6", "max_steps: 3")
         recipe.write_text(text.replace("max_length: 64\n", "max_length: 64\n  packing: false\n") if not packing else text)
         runs[name] = sft.run(recipe)
@@ -191,18 +173,18 @@ def test_splitting_a_micro_batch_into_passes_changes_memory_not_the_update(tmp_p
 
 
 def test_existing_runs_are_never_silently_overwritten(tmp_path, tiny_model_dir):
-    recipe = make_recipe(tmp_path, tiny_model_dir)
+    recipe = code_word_recipe(tmp_path, tiny_model_dir)
     sft.run(recipe)
     with pytest.raises(FtuneError, match="already holds a completed run"):
         sft.run(recipe)
     (tmp_path / "x").mkdir()
     with pytest.raises(FtuneError, match="nothing to resume"):
-        sft.run(make_recipe(tmp_path / "x", tiny_model_dir), resume=True)
+        sft.run(code_word_recipe(tmp_path / "x", tiny_model_dir), resume=True)
     sft.run(recipe, overwrite=True)
 
 
 def test_smoke_mode_runs_three_steps_into_its_own_directory(tmp_path, tiny_model_dir):
-    run_dir = sft.run(make_recipe(tmp_path, tiny_model_dir), smoke=True)
+    run_dir = sft.run(code_word_recipe(tmp_path, tiny_model_dir), smoke=True)
     assert run_dir.name == "run-smoke"
     assert json.loads((run_dir / "run.json").read_text())["global_step"] == 3
     assert (run_dir / "adapter/adapter_model.safetensors").is_file()
@@ -213,15 +195,15 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 def test_cli_bad_data_is_reported_with_its_place(tmp_path, tiny_model_dir):
-    rows = ROWS[:5] + [{"messages": [{"role": "user", "content": "hi"}]}]
-    recipe = make_recipe(tmp_path, tiny_model_dir, rows=rows)
+    rows = CODE_WORD_ROWS[:5] + [{"messages": [{"role": "user", "content": "hi"}]}]
+    recipe = code_word_recipe(tmp_path, tiny_model_dir, rows=rows)
     result = run_cli("sft", str(recipe))
     assert result.returncode == 1
     assert "train.jsonl line 6" in result.stderr and "no assistant turn" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "adapter").exists()
     (tmp_path / "m").mkdir()
-    missing = make_recipe(tmp_path / "m", tiny_model_dir)
+    missing = code_word_recipe(tmp_path / "m", tiny_model_dir)
     missing.write_text(missing.read_text().replace("train.jsonl", "nope.jsonl"))
     result = run_cli("sft", str(missing))
     assert result.returncode == 1 and "does not exist" in result.stderr and "Traceback" not in result.stderr

@@ -59,18 +59,6 @@ def sft_run(tmp_path_factory, tiny_model_dir) -> Path:
     return sft.run(folder / "recipe.yaml")
 
 
-@pytest.fixture(scope="module")
-def rm_run(tmp_path_factory, tiny_model_dir) -> Path:
-    from ftune.stages import rm
-
-    folder = tmp_path_factory.mktemp("rm")
-    write_jsonl(folder / "pairs.jsonl", PAIRS)
-    (folder / "recipe.yaml").write_text(f"stage: rm\nbase_model: {{name: {tiny_model_dir}}}\ndata:\n  train: [{{path: pairs.jsonl}}]\n"
-                                        "  eval_fraction: 0.25\n  max_length: 64\nrm: {}\ntraining: {max_steps: 1, batch_size: 4}\n"
-                                        "output: {dir: run}\n")
-    return rm.run(folder / "recipe.yaml")
-
-
 PAIRS = [{"prompt": f"Reply to message {i}.", "chosen": f"Thank you for message {i}!", "rejected": f"Go away, {i}."} for i in range(8)]
 CHATS = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"It is {2 * i}."}]}
          for i in range(6)]

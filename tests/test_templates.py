@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from ftune.data.rendering import IGNORE, make_formatter
 from ftune.data.formats import convert
 from ftune.data.render_proof import prove
+from ftune.data.rendering import IGNORE, make_formatter
 from ftune.errors import FtuneError
 
 ROOT = Path(__file__).resolve().parent.parent

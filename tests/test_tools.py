@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ftune.data.rendering import IGNORE, make_formatter
 from ftune.data.formats import BadRow, convert
+from ftune.data.rendering import IGNORE, make_formatter
 from helpers import invoke, snapshot, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,8 +225,8 @@ def test_inspect_shows_tool_calls_results_and_reasoning_with_their_colours(tmp_p
     assert "⟨tool call⟩<tool_call>" in plain and "⟨tool result⟩" in plain and "⟨reasoning⟩<think>" in plain
     assert "render proof" in plain and "3 assistant turns" not in plain and "6 assistant turns in 3 conversations" in plain
 
-    from ftune.data.rendering import KINDS
     from ftune.commands.inspection import render_sample
+    from ftune.data.rendering import KINDS
 
     example = result.report.examples[0]
     text = render_sample(example["ids"], example["labels"], result.formatter.tokenizer, kinds=[KINDS[k] for k in example["kinds"]])

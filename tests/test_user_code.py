@@ -19,7 +19,7 @@ import pytest
 
 from ftune import cli
 from ftune.commands.label.session import SESSION_FILE
-from helpers import snapshot
+from helpers import snapshot, write_grpo_recipe
 
 PROMPTS = [{"prompt": f"What is {a} plus {b}?", "answer": a + b} for a in range(1, 4) for b in range(1, 4)]
 OK = "[float(len(c) % 3) for c in completions]"  # a valid reward for every completion
@@ -89,17 +89,10 @@ def assert_one_line_error(code: int, out: str, err: str, needles: list[str]) -> 
 
 
 def grpo_recipe(folder: Path, model: Path, code: str, *, rows=PROMPTS, timeout: float = 2, extra: str = "") -> Path:
-    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "rewards.py").write_text(code)
-    path = folder / "recipe.yaml"
-    path.write_text(
-        f"stage: grpo\nbase_model: {{name: {model}}}\n"
-        "data:\n  train: [{path: data.jsonl}]\n  eval_fraction: 0\n  max_length: 64\n"
-        "grpo: {num_generations: 2, max_completion_length: 6}\n"
-        f"rewards: [{{type: function, function: rewards.py:score, timeout_s: {timeout}}}]\n"
-        "training: {learning_rate: 0.01, batch_size: 2, max_steps: 1, warmup_ratio: 0}\n"
-        f"{extra}output: {{dir: run}}\n")
-    return path
+    """One grpo step on `rows`, rewarded by `score` in `code` with a `timeout` seconds bound; no held-out prompts."""
+    return write_grpo_recipe(folder, model, rewards_yaml=f"[{{type: function, function: rewards.py:score, timeout_s: {timeout}}}]",
+                             grpo="{num_generations: 2, max_completion_length: 6}", training={"max_steps": 1}, extra=extra,
+                             rows=rows, reward_code=code, eval_fraction=0)
 
 
 @pytest.mark.parametrize("case", list(BODIES))

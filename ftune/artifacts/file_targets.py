@@ -11,9 +11,9 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ftune.errors import FtuneError
 from ftune.artifacts.kinds import KINDS, command, describe
 from ftune.artifacts.ownership import read_json_object, refuse_file_on_path, refuse_inside
+from ftune.errors import FtuneError
 
 
 def check_file_target(path: Path, *, kind: str, ours: Callable[[Path], bool], overwrite: bool,

@@ -18,11 +18,17 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ftune.guards import textio
 from ftune.errors import FtuneError
+from ftune.guards import textio
 
 LOCK_FILE = "run.lock"
 HOLDER_ENV = "FTUNE_RUN_LOCK"  # "PID:PATH" of the launcher's lock, inherited by its processes
+LAUNCHED_ENV = "FTUNE_LAUNCHED"  # set by ftune's launcher (train/distributed.py) for the processes it starts
+
+
+def is_launched() -> bool:
+    """Whether this process is one of those `accelerate launch` started for ftune: its launcher holds the lock."""
+    return os.environ.get(LAUNCHED_ENV) == "1"
 
 
 class RunLocked(FtuneError):
@@ -105,9 +111,7 @@ class RunLock:
         os.close(fd)  # frees the flock; a waiting acquirer then finds the file gone and retries
 
     def _held_by_launcher(self) -> bool:
-        from ftune.train import distributed
-
-        if not distributed.is_launched():
+        if not is_launched():
             return False
         pid, _, path = os.environ.get(HOLDER_ENV, "").partition(":")
         if path:

@@ -29,10 +29,10 @@ from collections.abc import Iterator, Sequence
 from itertools import takewhile
 from pathlib import Path
 
-from ftune.guards import signals, textio
-from ftune.errors import FtuneError
 from ftune.artifacts.kinds import KINDS, RUN_PARTS, command, describe
 from ftune.artifacts.lock import LOCK_FILE
+from ftune.errors import FtuneError
+from ftune.guards import signals, textio
 
 RUN_FILE = "run.json"
 OUTPUT_MARKER = ".ftune-output.json"

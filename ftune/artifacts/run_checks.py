@@ -15,7 +15,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftune.artifacts import kinds
+from ftune.artifacts.ownership import read_json_object
 from ftune.errors import FtuneError
+from ftune.guards import textio
+from ftune.guards.weights import read_header, tensor_index
 
 STAGES = {  # what each stage's run is, in words
     "sft": "a supervised fine-tuning run (ftune sft)",
@@ -64,15 +68,11 @@ def current_uid() -> int | None:
 
 def not_a_run(path: Path, run_file: str, marker: str) -> FtuneError:
     """Why `path` (no run.json) is not a run, naming what it is when ftune can tell."""
-    from ftune.artifacts.ownership import read_json_object
-
     path = Path(path)
     if not path.exists():
         return FtuneError(f"{path} does not exist", hint="name an ftune run directory")
     if not path.is_dir():
         return FtuneError(f"{path} is a file, not an ftune run directory")
-    from ftune.artifacts import kinds
-
     written = read_json_object(path / marker) or {}
     kind, what = written.get("kind"), written.get("what")
     if isinstance(kind, str) and kind in kinds.KINDS:
@@ -166,8 +166,6 @@ def check_kind(run, expect: str, what: str | None = None) -> None:
 
 def check_weights(run) -> None:
     """A completed run's trained weights: the whole model (full fine-tuning) or the adapter, readable."""
-    from ftune.modeling.weights import tensor_index
-
     if run.adapter_method == "none":
         config = run.model_dir / "config.json"
         if not config.is_file():
@@ -181,8 +179,6 @@ def check_weights(run) -> None:
 
 def check_adapter(adapter_dir: Path, *, run_dir: Path | None = None) -> None:
     """An adapter folder ftune can load: adapter_config.json an object naming its peft type, safetensors weights."""
-    from ftune.modeling.weights import read_header
-
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise FtuneError(f"the run's adapter folder {adapter_dir} is missing", place=str(run_dir or adapter_dir),
@@ -205,8 +201,6 @@ def check_adapter(adapter_dir: Path, *, run_dir: Path | None = None) -> None:
 
 def json_file(path: Path, what: str = "file") -> object:
     """A JSON file of a run, parsed with ftune's bounds; a damaged one is refused with its name."""
-    from ftune.guards import textio
-
     try:
         return textio.load_file(path, what)
     except FtuneError as exc:

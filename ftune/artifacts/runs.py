@@ -16,20 +16,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ftune.artifacts import run_checks
-from ftune.errors import FtuneError
+from ftune.artifacts.lock import is_launched
 from ftune.artifacts.ownership import ASIDE, contents, is_run, make_parents, owned, remove_empty, refuse_file_on_path, refuse_foreign, refuse_inside, refuse_other_kind, refuse_protected, set_aside
+from ftune.errors import FtuneError
 
-# The ownership rule with the atomic writes (ownership.py) and the lock (lock.py) are their own
-# modules; callers import them from here, with the run-directory knowledge they go with.
-from ftune.artifacts.lock import LOCK_FILE as LOCK_FILE, RunLock as RunLock, RunLocked as RunLocked, lock_holder as lock_holder
-from ftune.artifacts.ownership import OUTPUT_MARKER as OUTPUT_MARKER, RUN_FILE as RUN_FILE
-from ftune.artifacts.ownership import atomic_dir as atomic_dir, atomic_file as atomic_file, write_json as write_json
-from ftune.artifacts.ownership import check_target as check_target, is_ftune_dir as is_ftune_dir, read_json_object as read_json_object
+from ftune.artifacts.lock import LOCK_FILE, RunLock, RunLocked, lock_holder
+from ftune.artifacts.ownership import OUTPUT_MARKER, RUN_FILE, read_json_object
 from ftune.recipe import Recipe, load_recipe, recipe_to_yaml
 
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe; never a source of trust_remote_code
@@ -53,6 +51,7 @@ class Run:
     run.json also records the recipe's trust_remote_code; it is deliberately absent here. A
     run directory may come from anyone: whether to run Python shipped with a model is the
     user's choice on the command line or in their own recipe, never a file ftune reads back.
+    Its base model's directory, found again when the run moved, is models.run_base_path(run).
     """
 
     dir: Path
@@ -88,16 +87,6 @@ class Run:
     @property
     def eval_prompts_file(self) -> Path:
         return self.dir / EVAL_PROMPTS_FILE
-
-    def base_path(self) -> str:
-        """The base model directory: where training found it, or found again by name when the
-        run moved to another machine (that path no longer holds a model)."""
-        from ftune.modeling.models import resolve_model_path
-
-        recorded = self.base_model_path
-        if recorded and (Path(recorded) / "config.json").is_file():
-            return recorded
-        return resolve_model_path(self.base_model, revision=self.base_model_revision)
 
     def recipe(self) -> Recipe | None:
         """The resolved recipe saved with the run, with trust_remote_code off whatever it says."""
@@ -221,9 +210,7 @@ class RunPlan:
 def plan_for(run_dir: Path, recipe: Recipe, recipe_path: Path, *, resume: bool, overwrite: bool,
              say: Callable[[str], None] | None = None) -> RunPlan:
     """Under `accelerate launch` the launcher has decided (and holds the lock): resume if it left a checkpoint."""
-    from ftune.train import distributed
-
-    if distributed.is_launched():
+    if is_launched():
         return RunPlan(latest_checkpoint(run_dir), replace=False)
     return plan_run_dir(run_dir, recipe, recipe_path, resume=resume, overwrite=overwrite, say=say)
 
@@ -393,7 +380,6 @@ def _status(run_dir: Path) -> str | None:
 
 
 def _note(text: str) -> None:
-    from ftune.train.progress import console
-
-    console.print(text, highlight=False)
+    """Where notes go when the caller names nothing (the training commands pass their console's)."""
+    print(text, file=sys.stderr)
 

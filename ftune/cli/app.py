@@ -14,7 +14,20 @@ import typer
 
 from ftune.cli import model_commands
 from ftune.guards import signals, textio
-from ftune.cli.options import RecipeArg, SetOpt, fail, say_error
+from ftune.cli.options import (
+    MachineRankOpt,
+    MainProcessIpOpt,
+    MainProcessPortOpt,
+    NumMachinesOpt,
+    NumProcessesOpt,
+    OverwriteRunOpt,
+    RecipeArg,
+    ResumeOpt,
+    SetOpt,
+    fail,
+    say_error,
+    with_distributed,
+)
 from ftune.errors import FtuneError
 
 app = typer.Typer(
@@ -26,20 +39,6 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-
-
-DistOpts = {
-    "num_processes": typer.Option("--num-processes", help="Processes (GPUs) in all; sets distributed.num_processes.", show_default=False),
-    "num_machines": typer.Option("--num-machines", help="Machines in the run; sets distributed.num_machines.", show_default=False),
-    "machine_rank": typer.Option("--machine-rank", help="This machine's rank; sets distributed.machine_rank.", show_default=False),
-    "main_process_ip": typer.Option("--main-process-ip", help="Rank-0 machine's address; sets distributed.main_process_ip.", show_default=False),
-    "main_process_port": typer.Option("--main-process-port", help="Rank-0 machine's port; sets distributed.main_process_port.", show_default=False),
-}
-
-
-def _with_distributed(overrides: list[str] | None, **values) -> list[str]:
-    """Command-line distributed options, as recipe overrides (validated like the recipe)."""
-    return [*(overrides or []), *(f"distributed.{key}={value}" for key, value in values.items() if value is not None)]
 
 
 @app.command()
@@ -80,53 +79,95 @@ def schema(
 
 
 
-def _training_command(name: str, summary: str, smoke_help: str) -> None:
-    """`ftune NAME RECIPE`: every training stage takes the same options and runs ftune.stages.NAME."""
-
-    def command(
-        recipe: RecipeArg,
-        set_: SetOpt = None,
-        smoke: bool = False,  # its help is the stage's own: set below
-        resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in output.dir (found automatically too).")] = False,
-        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier ftune run in output.dir (never a directory ftune did not write).")] = False,
-        num_processes: Annotated[Optional[int], DistOpts["num_processes"]] = None,
-        num_machines: Annotated[Optional[int], DistOpts["num_machines"]] = None,
-        machine_rank: Annotated[Optional[int], DistOpts["machine_rank"]] = None,
-        main_process_ip: Annotated[Optional[str], DistOpts["main_process_ip"]] = None,
-        main_process_port: Annotated[Optional[int], DistOpts["main_process_port"]] = None,
-    ) -> None:
-        import importlib
-
-        stage = importlib.import_module(f"ftune.stages.{name}")
-        overrides = _with_distributed(set_, num_processes=num_processes, num_machines=num_machines, machine_rank=machine_rank,
-                                      main_process_ip=main_process_ip, main_process_port=main_process_port)
-        try:
-            stage.run(recipe, overrides, smoke=smoke, resume=resume, overwrite=overwrite)
-        except FtuneError as exc:
-            fail(exc)
-
-    command.__doc__ = summary
-    command.__annotations__["smoke"] = Annotated[bool, typer.Option("--smoke", help=smoke_help)]
-    app.command(name, help=summary)(command)
+# The training commands: each runs its stage (ftune/stages/NAME.py), imported only when it runs.
 
 
-_training_command(
-    "sft", "Supervised fine-tuning (LoRA, QLoRA, DoRA or full) from a recipe.",
-    "Same recipe for 3 steps on 16 samples (more when one optimizer step needs more), into OUTPUT-smoke: what a CI job runs.",
-)
-_training_command(
-    "dpo", "Preference tuning (DPO, IPO, SimPO, CPO, ORPO, KTO), usually continuing an SFT run.",
-    "Same recipe for 3 steps on 8 pairs (more when one optimizer step needs more), into OUTPUT-smoke; continues init_from's own smoke run when there is one.",
-)
-_training_command(
-    "rm", "A reward model from preference pairs (Bradley-Terry), for ftune score, best-of-n and GRPO.",
-    "Same recipe on 8 pairs for 3 steps, into OUTPUT-smoke.",
-)
-_training_command(
-    "grpo", "Online RL with verifiable rewards (GRPO, Dr GRPO, DAPO, GSPO): sample, score, reinforce.",
-    "Same recipe on 4 prompts (or one step's worth) for 3 steps, into OUTPUT-smoke.",
-)
+def _train(run, recipe: Path, set_: list[str] | None, *, smoke: bool, resume: bool, overwrite: bool, **launch) -> None:
+    """A stage's run(), with --set and the launch options (--num-processes, ...) as recipe overrides."""
+    try:
+        run(recipe, with_distributed(set_, **launch), smoke=smoke, resume=resume, overwrite=overwrite)
+    except FtuneError as exc:
+        fail(exc)
 
+
+@app.command()
+def sft(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    smoke: Annotated[bool, typer.Option("--smoke", help="Same recipe for 3 steps on 16 samples (more when one optimizer step needs more), into OUTPUT-smoke: what a CI job runs.")] = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteRunOpt = False,
+    num_processes: NumProcessesOpt = None,
+    num_machines: NumMachinesOpt = None,
+    machine_rank: MachineRankOpt = None,
+    main_process_ip: MainProcessIpOpt = None,
+    main_process_port: MainProcessPortOpt = None,
+) -> None:
+    """Supervised fine-tuning (LoRA, QLoRA, DoRA or full) from a recipe."""
+    from ftune.stages import sft
+
+    _train(sft.run, recipe, set_, smoke=smoke, resume=resume, overwrite=overwrite, num_processes=num_processes,
+           num_machines=num_machines, machine_rank=machine_rank, main_process_ip=main_process_ip, main_process_port=main_process_port)
+
+
+@app.command()
+def dpo(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    smoke: Annotated[bool, typer.Option("--smoke", help="Same recipe for 3 steps on 8 pairs (more when one optimizer step needs more), into OUTPUT-smoke; continues init_from's own smoke run when there is one.")] = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteRunOpt = False,
+    num_processes: NumProcessesOpt = None,
+    num_machines: NumMachinesOpt = None,
+    machine_rank: MachineRankOpt = None,
+    main_process_ip: MainProcessIpOpt = None,
+    main_process_port: MainProcessPortOpt = None,
+) -> None:
+    """Preference tuning (DPO, IPO, SimPO, CPO, ORPO, KTO), usually continuing an SFT run."""
+    from ftune.stages import dpo
+
+    _train(dpo.run, recipe, set_, smoke=smoke, resume=resume, overwrite=overwrite, num_processes=num_processes,
+           num_machines=num_machines, machine_rank=machine_rank, main_process_ip=main_process_ip, main_process_port=main_process_port)
+
+
+@app.command()
+def rm(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    smoke: Annotated[bool, typer.Option("--smoke", help="Same recipe on 8 pairs for 3 steps, into OUTPUT-smoke.")] = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteRunOpt = False,
+    num_processes: NumProcessesOpt = None,
+    num_machines: NumMachinesOpt = None,
+    machine_rank: MachineRankOpt = None,
+    main_process_ip: MainProcessIpOpt = None,
+    main_process_port: MainProcessPortOpt = None,
+) -> None:
+    """A reward model from preference pairs (Bradley-Terry), for ftune score, best-of-n and GRPO."""
+    from ftune.stages import rm
+
+    _train(rm.run, recipe, set_, smoke=smoke, resume=resume, overwrite=overwrite, num_processes=num_processes,
+           num_machines=num_machines, machine_rank=machine_rank, main_process_ip=main_process_ip, main_process_port=main_process_port)
+
+
+@app.command()
+def grpo(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    smoke: Annotated[bool, typer.Option("--smoke", help="Same recipe on 4 prompts (or one step's worth) for 3 steps, into OUTPUT-smoke.")] = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteRunOpt = False,
+    num_processes: NumProcessesOpt = None,
+    num_machines: NumMachinesOpt = None,
+    machine_rank: MachineRankOpt = None,
+    main_process_ip: MainProcessIpOpt = None,
+    main_process_port: MainProcessPortOpt = None,
+) -> None:
+    """Online RL with verifiable rewards (GRPO, Dr GRPO, DAPO, GSPO): sample, score, reinforce."""
+    from ftune.stages import grpo
+
+    _train(grpo.run, recipe, set_, smoke=smoke, resume=resume, overwrite=overwrite, num_processes=num_processes,
+           num_machines=num_machines, machine_rank=machine_rank, main_process_ip=main_process_ip, main_process_port=main_process_port)
 
 
 @app.command()

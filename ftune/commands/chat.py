@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftune.artifacts import run_checks
+from ftune.artifacts.ownership import RUN_FILE
+from ftune.artifacts.runs import read_run
+from ftune.errors import FtuneError
 from ftune.guards import bounds, signals, textio
 from ftune.modeling import models
-from ftune.errors import FtuneError
 from ftune.recipe import CHAT_TEMPLATE_NAMES
-from ftune.artifacts.runs import RUN_FILE, read_run
 
 COMMANDS = "/system TEXT sets the system prompt, /reset starts over, /quit (or Ctrl-D) leaves"
 
@@ -89,7 +90,7 @@ def _resolve_run(spec: str, run_dir: Path, trust_remote_code: bool) -> Target:
     adapter = run.adapter_dir
     if not (adapter / "adapter_config.json").is_file():
         raise FtuneError(f"{run_dir} holds no trained adapter or model yet (status: {run.status})", hint="chat with a finished run")
-    base_path = Path(run.base_path())
+    base_path = Path(models.run_base_path(run))
     return Target(spec, "run", base_path, adapter=adapter, tokenizer=_tokenizer_dir(adapter, base_path), chat_template=chat_template,
                   system_prompt=system_prompt, quantization=run.quantization, trust_remote_code=trust_remote_code)
 
@@ -204,8 +205,8 @@ def load(target: Target, *, logits: bool = False, context: int = 4096) -> HFMode
     import torch
 
     from ftune.data.rendering import make_formatter
-    from ftune.train.outputs import generation_config
     from ftune.recipe import QuantizationSection
+    from ftune.train.outputs import generation_config
 
     quantization = QuantizationSection.model_validate(target.quantization) if target.quantization else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -23,8 +23,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ftune.guards import textio
 from ftune.data.conversation import source_tools
+from ftune.guards import textio
 from ftune.data.cleaning import (
     Deduper,
     Removal,
@@ -35,10 +35,10 @@ from ftune.data.cleaning import (
     signature,
     summarise,
 )
+from ftune.artifacts.ownership import atomic_dir, check_target
 from ftune.data.formats import BadRow, convert_row
 from ftune.data.sources import FILE_SUFFIXES, read_source
 from ftune.errors import FtuneError
-from ftune.artifacts.ownership import atomic_dir, check_target
 from ftune.recipe import DataSource, Recipe, load_recipe
 
 ALLOWED = {  # the formats each stage trains on (as its data loader allows them)
@@ -186,13 +186,13 @@ def _length_reasons(formatter, samples: dict, shown: list[str], rules: Rules, re
 
 def _formatter(recipe: Recipe, base_dir: Path):
     """The recipe's tokenizer and chat template, as `ftune inspect` and training build them (no weights)."""
-    from ftune.modeling import models
+    from ftune.commands.inspect_parts import config_source
     from ftune.data.rendering import formatter_for
-    from ftune.commands.inspection import _config_source
+    from ftune.modeling import models
 
     models.quiet_libraries()
     base = recipe.base_model
-    source = _config_source(base.name, base.revision, base_dir)
+    source = config_source(base.name, base.revision, base_dir)
     models.model_config(source, revision=base.revision, trust_remote_code=base.trust_remote_code)
     tokenizer = models.load_tokenizer(source, trust_remote_code=base.trust_remote_code)
     return formatter_for(tokenizer, recipe.data, base_dir=base_dir)

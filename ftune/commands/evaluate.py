@@ -19,16 +19,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ftune.artifacts.file_targets import check_file_target
+from ftune.artifacts.ownership import read_json_object, write_json
+from ftune.artifacts.runs import RECIPE_FILE, package_versions, read_run, recipe_inputs
 from ftune.commands import chat
+from ftune.commands.lm_eval_tasks import LmEvalTasks
+from ftune.data.packing import Encoded, collate
+from ftune.data.rendering import IGNORE
+from ftune.errors import FtuneError
 from ftune.guards import textio
 from ftune.modeling import models
-from ftune.data.rendering import IGNORE
-from ftune.data.packing import Encoded, collate
-from ftune.errors import FtuneError
-from ftune.commands.lm_eval_tasks import LmEvalTasks
 from ftune.recipe import Recipe, load_recipe
-from ftune.artifacts.file_targets import check_file_target
-from ftune.artifacts.runs import RECIPE_FILE, package_versions, read_json_object, read_run, recipe_inputs, write_json
 
 GREEDY = chat.Sampling(max_new_tokens=64, temperature=0.0)
 
@@ -216,8 +217,8 @@ def recipe_dir(run_dir: Path, recipe: Recipe) -> Path:
 def eval_data(targets: list[chat.Target], held_out: HeldOut | None, data: Path | None, max_length: int,
               max_samples: int | None, trust: bool):
     """(recipe, eval set, tokenizer, description): a recipe's held-out split, or a data file as a whole."""
-    from ftune.data.rendering import formatter_for
     from ftune.data.pipeline import prepare_sft
+    from ftune.data.rendering import formatter_for
 
     if held_out is not None:
         recipe, base_dir, source = held_out.recipe, held_out.base_dir, f"{held_out.path} (held-out split)"

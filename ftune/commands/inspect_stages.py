@@ -1,24 +1,26 @@
 """`ftune inspect` for grpo, dpo and rm recipes: what the run will see and need, without training.
 
-Each stage's own functions load the data (`STAGE.data`: grpo's prompts and its reward checks,
-dpo's and rm's pairs) and cut epochs into steps (`STAGE.micro_batches`, `steps.plan_steps`),
-so every figure here is the one the run will have; inspect.py does the same for sft. Only the
+Each stage's own functions load the data (its `load_data`: grpo's prompts and its reward checks,
+dpo's and rm's pairs) and cut epochs into steps (its micro-batches, `steps.plan_steps`), so
+every figure here is the one the run will have; inspection.py does the same for sft. Only the
 tokenizer and the model's config are read, never the weights (nor a reward model's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from ftune.modeling import memory, models
-from ftune.train import steps
-from ftune.data.rendering import IGNORE, Formatter, formatter_for
+from ftune.commands.inspect_parts import MASKED, TRAINED, config_source, print_memory, render_sample
 from ftune.data.packing import pack
+from ftune.data.rendering import IGNORE, Formatter, formatter_for
+from ftune.modeling import memory, models
 from ftune.recipe import Recipe
-from ftune.train.stage import Data, Stage
+from ftune.train import pair_steps, steps, training
+from ftune.train.stage import Data
 
 REWARD_DETAIL = {"exact_answer": lambda s: f"column '{s.column}'" + (f", pattern {s.pattern}" if s.pattern else
                                                                         ", answer: last <answer>...</answer>, else last number"),
@@ -31,7 +33,7 @@ class StageInspection:
     """One grpo, dpo or rm recipe as its run will see it."""
 
     recipe: Recipe
-    stage: Stage
+    show_data: Callable[[Data, Callable], None]  # the stage's own data table, as the run prints it
     formatter: Formatter
     data: Data  # what the stage's own load_data returned
     plan: steps.StepPlan
@@ -71,24 +73,25 @@ class StageInspection:
 def inspect_stage(recipe: Recipe, recipe_path: Path) -> StageInspection:
     from ftune.stages import dpo, grpo, rm
 
-    stage = {"grpo": grpo.STAGE, "dpo": dpo.STAGE, "rm": rm.STAGE}[recipe.stage]
+    stage = {"grpo": grpo, "dpo": dpo, "rm": rm}[recipe.stage]
+    micro_batches = grpo.micro_batches if recipe.stage == "grpo" else pair_steps.micro_batches
     base_dir = recipe_path.parent.resolve()
     base = recipe.base_model
-    init_from = {"grpo": recipe.grpo, "dpo": recipe.preference, "rm": recipe.rm}[recipe.stage].init_from
-    if init_from:  # the SFT run fixes the model, and its adapter folder the tokenizer (as the run loads them)
-        inputs = stage.inputs(recipe, base_dir, False)
+    section = {"grpo": "grpo", "dpo": "preference", "rm": "rm"}[recipe.stage]
+    # An SFT run to continue fixes the model, and its adapter folder the tokenizer (as the run loads them).
+    if getattr(recipe, section).init_from:
+        inputs = training.starting_point(recipe, base_dir, False, f"{section}.init_from")
         source, tokenizer_source = inputs.model_path, str(inputs.adapter_from)
     else:
-        from ftune.commands.inspection import _config_source
-
-        source = tokenizer_source = _config_source(base.name, base.revision, base_dir)
+        source = tokenizer_source = config_source(base.name, base.revision, base_dir)
     config = models.model_config(source, revision=base.revision, trust_remote_code=base.trust_remote_code)
     tokenizer = models.load_tokenizer(tokenizer_source, trust_remote_code=base.trust_remote_code)
     formatter = formatter_for(tokenizer, recipe.data, base_dir=base_dir)
-    data = stage.data(recipe, tokenizer, formatter, base_dir, False)
+    data = stage.load_data(recipe, tokenizer, formatter, base_dir, False)
     world = recipe.distributed.num_processes
-    batches = stage.micro_batches(recipe, data.train, world=world, epoch=0)
-    plan = steps.plan_steps(recipe, batches, items=len(data.train), unit=stage.unit, world=world, source=str(recipe_path))
+    batches = micro_batches(recipe, data.train, world=world, epoch=0)
+    unit = "prompts" if recipe.stage == "grpo" else "pairs"
+    plan = steps.plan_steps(recipe, batches, items=len(data.train), unit=unit, world=world, source=str(recipe_path))
 
     count = memory.count_model(config, recipe.adapter)
     if recipe.stage == "rm":  # the score head (hidden x 1, no bias) trains in full beside the adapter
@@ -104,19 +107,17 @@ def inspect_stage(recipe: Recipe, recipe_path: Path) -> StageInspection:
         head = memory.Line("loss", 0.0, "one score per sequence (the head at its last token): negligible")
         return replace(found, lines=tuple(head if line.what == "loss" else line for line in found.lines))
 
-    return StageInspection(recipe, stage, formatter, data, plan, estimate("cuda"), estimate("cpu"), count)
+    return StageInspection(recipe, stage.show_data, formatter, data, plan, estimate("cuda"), estimate("cpu"), count)
 
 
 def _grpo_pass(recipe: Recipe, prompts, shares: list[list[int]], device: str) -> tuple[int, int]:
     """(tokens, completion tokens) of the largest pass: a micro-batch's prompts x num_generations,
     each prompt + a full-length completion, packed into passes as the grpo stage packs them."""
-    from ftune.train.training import pass_budget, split_passes
-
     grpo, most = recipe.grpo, (0, 0)
     for share in shares:
         sizes = [len(prompts.ids[p]) + grpo.max_completion_length for p in share for _ in range(grpo.num_generations)]
         at = 0
-        for part in split_passes(list(range(len(sizes))), sizes, pass_budget(recipe, device), padded=False):
+        for part in training.split_passes(list(range(len(sizes))), sizes, training.pass_budget(recipe, device), padded=False):
             most = max(most, (sum(sizes[at: at + len(part)]), len(part) * grpo.max_completion_length))
             at += len(part)
     return most
@@ -124,15 +125,13 @@ def _grpo_pass(recipe: Recipe, prompts, shares: list[list[int]], device: str) ->
 
 def _pair_pass(recipe: Recipe, pairs, shares: list[list[int]], device: str) -> tuple[int, int]:
     """(token slots, labelled tokens) of the largest pass: both sequences of each pair, packed into
-    rows of data.max_length and padded to the longest (preference.packed_rows)."""
-    from ftune.train.training import pass_budget, split_passes
-
+    rows of data.max_length and padded to the longest (data/pairs.packed_rows)."""
     lengths, labels = pairs.sequences.lengths(), pairs.sequences.labels != IGNORE
-    budget = None if recipe.stage == "dpo" and recipe.preference.method == "kto" else pass_budget(recipe, device)
+    budget = None if recipe.stage == "dpo" and recipe.preference.method == "kto" else training.pass_budget(recipe, device)
     most = (0, 0)
     for share in shares:
         sizes = [int(lengths[2 * p] + lengths[2 * p + 1]) for p in share]
-        for part in split_passes(share, sizes, budget, padded=False):
+        for part in training.split_passes(share, sizes, budget, padded=False):
             sequences = [i for p in part for i in (2 * p, 2 * p + 1)]
             rows = pack(lengths[sequences], recipe.data.max_length)
             width = max(sum(int(lengths[sequences[j]]) for j in row) for row in rows)
@@ -185,11 +184,10 @@ def print_stage(ins: StageInspection, console, *, samples: int = 2, gpu_gib: flo
     from rich.table import Table
     from rich.text import Text
 
-    from ftune.commands.inspection import MASKED, TRAINED, print_memory, render_sample
     from ftune.train.progress import summary_table
 
     recipe, numbers, tc = ins.recipe, ins.numbers(), ins.recipe.training
-    ins.stage.show_data(ins.data, console.print)  # the table the run itself prints first
+    ins.show_data(ins.data, console.print)  # the table the run itself prints first
     world = recipe.distributed.num_processes
     unit = "prompts" if recipe.stage == "grpo" else ("examples" if recipe.stage == "dpo" and recipe.preference.method == "kto" else "pairs")
     # e.g. 2 prompts x 1 accumulation x 1 process = 2 prompts per step

@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 
 from ftune.commands import chat
-from ftune.modeling import models
 from ftune.errors import FtuneError
+from ftune.modeling import models
 
 LM_EVAL_INSTALL = "pip install 'ftune[lm-eval]' (lm-eval alone: pip install 'lm-eval[hf]')"
 

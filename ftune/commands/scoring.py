@@ -1,4 +1,4 @@
-"""What commands do with a trained reward model: `ftune score`, `ftune eval` on one, and its run card.
+"""What commands do with a trained reward model: `ftune score`, and `ftune eval` on one.
 
 `ftune score MODEL --data FILE`: every row of FILE gets its reward, read as training read it.
 A row is a pair (any form `ftune rm` trains on: prompt/chosen/rejected, chosen/rejected
@@ -18,15 +18,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ftune.artifacts import runs
-from ftune.guards import textio
-from ftune.modeling import reward_model
-from ftune.data.rendering import IGNORE
+from ftune.artifacts import ownership, runs
+from ftune.artifacts.file_targets import check_file_target
 from ftune.data.formats import BadRow, Chat, Raw, convert, detect_format, kind
 from ftune.data.sources import read_source
 from ftune.errors import FtuneError
-from ftune.artifacts.file_targets import check_file_target
+from ftune.guards import textio
+from ftune.modeling import reward_model
 from ftune.recipe import DataSection, DataSource, Recipe, load_recipe
+from ftune.train import reward_training
 
 SIDECAR = ".score.json"  # OUT.score.json: what wrote OUT from what; it is also how ftune knows OUT is its own
 
@@ -52,7 +52,7 @@ def score_file(model: Path, data: Path, out: Path | None = None, *, overwrite: b
     say(f"scoring {len(sequences)} sequences of {len(rows)} rows")
     rewards = iter(scorer.score_ids(sequences))
     singles, margins, unscored = [], [], []
-    with runs.atomic_file(out) as handle:
+    with ownership.atomic_file(out) as handle:
         for row, (_, paired) in zip(rows, judged):
             # A model can score NaN or infinity (a broken head, an overflow): JSON cannot hold it, so the
             # row's reward is written as an explicit null, counted, and left out of every mean.
@@ -74,7 +74,7 @@ def score_file(model: Path, data: Path, out: Path | None = None, *, overwrite: b
                "pairwise_accuracy": _mean([float(m > 0) for m in margins]), "mean_margin": _mean(margins),
                "not_finite": len(unscored), "first_not_finite": unscored[0] if unscored else None,
                "versions": runs.package_versions()}
-    runs.write_json(_sidecar(out), summary)
+    ownership.write_json(_sidecar(out), summary)
     return out, summary
 
 
@@ -118,7 +118,7 @@ def _check_output(out: Path, data: Path, model: Path, *, overwrite: bool) -> Non
 
 
 def _ours(out: Path) -> bool:
-    meta = runs.read_json_object(_sidecar(out))
+    meta = ownership.read_json_object(_sidecar(out))
     return meta is not None and meta.get("written_by") == "ftune" and meta.get("command") == "score" and meta.get("output") == out.name
 
 
@@ -155,7 +155,7 @@ def evaluate_reward_models(specs: list[str], *, recipe_path: Path | None, overri
         chosen, rejected = _tensor(rewards[0::2]), _tensor(rewards[1::2])
         margins = _tensor(pairs.margins.tolist()) if pairs.margins is not None else None
         center = recipe.rm.center_coefficient if recipe.rm is not None else 0.0
-        figures = reward_model.held_out_figures(chosen, rejected, margins, center, prefix="")
+        figures = reward_training.held_out_figures(chosen, rejected, margins, center, prefix="")
         results["models"].append({"model": spec, "kind": reward_model.reward_model_kind(Path(spec)), **figures})
         del scorer
     return results
@@ -174,7 +174,7 @@ def _pairs_recipe(first: Path, recipe_path: Path | None, overrides: list[str], d
         return Recipe(stage="rm", base_model={"name": str(first)}, data=section, rm={}, output={"dir": "."}), Path.cwd(), str(data)
     if recipe_path is not None:
         recipe, base_dir, source = load_recipe(recipe_path, overrides), Path(recipe_path).parent.resolve(), str(recipe_path)
-    elif (first / runs.RUN_FILE).is_file() and (first / runs.RECIPE_FILE).is_file():
+    elif (first / ownership.RUN_FILE).is_file() and (first / runs.RECIPE_FILE).is_file():
         run = runs.read_run(first, expect="reward model")
         recipe, source = load_recipe(first / runs.RECIPE_FILE, overrides), str(first / runs.RECIPE_FILE)
         if run.recipe_dir is None or not run.recipe_dir.is_dir():
@@ -192,18 +192,18 @@ def _pairs_recipe(first: Path, recipe_path: Path | None, overrides: list[str], d
 def _held_out_pairs(scorer: reward_model.RewardModel, recipe: Recipe, base_dir: Path, source: str, max_samples: int | None, *,
                     whole: bool):
     """The recipe's held-out pairs (`whole`: every pair), tokenized with this model's own formatter."""
+    from ftune.data.pairs import encode_pairs
     from ftune.data.pipeline import DataReport, load_samples
-    from ftune.train.preference import encode_pairs
 
     train, held_out, report, _ = load_samples(recipe.data, base_dir=base_dir, seed=recipe.training.seed, allowed={"preference"})
     rows = train if whole else held_out
     if recipe.stage == "rm":
-        pairs = reward_model.encode(scorer.formatter, rows, recipe, report)
+        pairs = reward_training.encode(scorer.formatter, rows, recipe, report)
     else:
         pairs = encode_pairs(scorer.formatter, rows.samples, method="dpo", max_length=recipe.data.max_length,
                              max_prompt_length=recipe.preference.max_prompt_length, report=DataReport())
     if max_samples:
-        pairs = reward_model.first_pairs(pairs, max_samples)
+        pairs = pairs.head(max_samples)
     if not len(pairs):
         raise FtuneError("no preference pairs to score", place=source, hint="set data.eval or data.eval_fraction, or pass --data")
     return pairs
@@ -225,47 +225,3 @@ def print_results(results: dict, console) -> None:
         table.add_row(r["model"], f"{r['reward_accuracy']:.1%}", f"{r['reward_margin']:+.3f}", f"{r['reward_mean']:+.3f}",
                       f"{r['reward_std']:.3f}", f"{r['loss']:.4f}", str(r["pairs"]))
     console.print(table)
-
-
-# --------------------------------------------------------------------------- the run card
-
-
-def card(tokenizer, pairs, worst: list[tuple[int, float, float]]) -> tuple[str, list[tuple[str, str]]]:
-    """The run card's held-out pairs scored worst, as (title, [(prompt, how each answer scored)])."""
-    items = []
-    for pair, chosen, rejected in worst:
-        prompt, chosen_text = _prompt_and_answer(tokenizer, pairs.sequences, 2 * pair)
-        rejected_text = _prompt_and_answer(tokenizer, pairs.sequences, 2 * pair + 1)[1]
-        items.append((prompt, f"margin {chosen - rejected:+.3f}: chosen {chosen:+.3f} «{chosen_text}»; "
-                              f"rejected {rejected:+.3f} «{rejected_text}»"))
-    return "Held-out pairs scored worst (lowest r_chosen - r_rejected: mislabelled, or not learned yet)", items
-
-
-def _prompt_and_answer(tokenizer, data, index: int, limit: int = 240) -> tuple[str, str]:
-    """A sequence's prompt (its end, nearest the answer) and answer (its start), each on one line."""
-    import numpy as np
-
-    ids, labels = data.sample(index)
-    trained = np.flatnonzero(labels != IGNORE)
-    first = int(trained[0]) if len(trained) else len(ids)
-    prompt = " ".join(tokenizer.decode(ids[:first].tolist(), skip_special_tokens=True).split())
-    answer = " ".join(tokenizer.decode(ids[trained].tolist(), skip_special_tokens=True).split())
-    return (prompt if len(prompt) <= limit else "…" + prompt[-limit:]), (answer if len(answer) <= limit else answer[:limit] + "…")
-
-
-def use_lines(run_dir: Path) -> list[str]:
-    """The run card's Use section for a reward model: loading it in plain transformers (and peft)."""
-    run = runs.read_run(run_dir)
-    full = (run.model_dir / "config.json").is_file()
-    load = ([f"model = AutoModelForSequenceClassification.from_pretrained('{run.model_dir}')"] if full else
-            ["from peft import PeftModel",
-             f"base = AutoModelForSequenceClassification.from_pretrained('{run.base_model_path}', num_labels=1)",
-             f"model = PeftModel.from_pretrained(base, '{run.adapter_dir}')"])
-    return ["", "## Use", "", "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer", *load,
-            f"tokenizer = AutoTokenizer.from_pretrained('{run.model_dir if full else run.adapter_dir}')",
-            "inputs = tokenizer.apply_chat_template(messages, return_tensors='pt', return_dict=True)  # the prompt, then the answer",
-            "reward = model(**inputs).logits[0, 0]", "```", "",
-            ("The reward is read at the last token that is not the pad token, as transformers reads it: score one "
-             "conversation at a time, or pad on the right. `ftune score RUN --data FILE` scores the rows or pairs of a file, "
-             f"`ftune eval {run_dir}` reports held-out pairwise accuracy, and `ftune merge {run_dir} --out merged/` writes a "
-             "plain sequence-classification model. There is no GGUF export: llama.cpp does not run score heads."), ""]

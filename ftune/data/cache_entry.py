@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ftune.guards import textio
-from ftune.data.rendering import IGNORE
 from ftune.data.packing import Encoded
+from ftune.data.rendering import IGNORE
 from ftune.errors import FtuneError
+from ftune.guards import textio
 
 CHUNK = 1 << 22  # elements per read (16 MiB of int32): bounded extra memory on any entry size
 SPLITS = ("train", "eval")

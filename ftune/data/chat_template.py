@@ -26,9 +26,9 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftune.guards import textio, timelimit
 from ftune.data.formats import BadRow
 from ftune.errors import FtuneError
+from ftune.guards import textio, timelimit
 
 # Templates for base models that have none. Each turn ends in a marker the model learns.
 NAMED_TEMPLATES = {

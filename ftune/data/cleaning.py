@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ftune.guards import textio
 from ftune.data.formats import Chat, Preference, Prompt, Raw
+from ftune.guards import textio
 
 # Answers containing any of these are refusals or AI disclaimers, not answers to learn from.
 # They are searched in the normalised answer (lower case, whitespace collapsed); ['’] takes

@@ -18,9 +18,9 @@ one, as many datasets store it) or the source's `tools:` in the recipe.
 
 from __future__ import annotations
 
-from ftune.guards import textio
+from ftune.data.samples import ROLE_ALIASES, BadRow, Chat, kind
 from ftune.errors import FtuneError
-from ftune.data.formats import ROLE_ALIASES, BadRow, Chat, kind
+from ftune.guards import textio
 
 TOOL_ROLES = {"tool": "tool", "function": "tool", "ipython": "tool", "observation": "tool"}
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ftune.data import cleaning
-from ftune.data.rendering import IGNORE, KINDS
 from ftune.data.formats import BadRow, Raw, convert_row
 from ftune.data.render_proof import prove
+from ftune.data.rendering import IGNORE, KINDS
 from ftune.data.sources import Unit, parse
 from ftune.errors import FtuneError
 

@@ -9,60 +9,19 @@
 - `Prompt` (GRPO): a conversation ending with the user turn the model answers, with the
   row's other columns for the reward functions.
 
-A row that cannot be used raises `BadRow` with the reason; the caller adds the place.
+The shapes themselves, and `BadRow`, are in samples.py. A row that cannot be used raises
+`BadRow` with the reason; the caller adds the place.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-ROLE_ALIASES = {
-    "system": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "assistant",
-    "gpt": "assistant",
-    "model": "assistant",
-    "chatgpt": "assistant",
-    "bot": "assistant",
-}
+from ftune.data import conversation  # messages and sharegpt rows: tool calls, tool results, reasoning
+from ftune.data.samples import ROLE_ALIASES, BadRow, Chat, Preference, Prompt, Raw, kind
+
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
-
-
-class BadRow(ValueError):
-    """This row cannot be used; the message says why."""
-
-
-@dataclass(frozen=True)
-class Chat:
-    messages: tuple[dict, ...]
-    tools: tuple[dict, ...] = ()  # function specs given to the chat template (`tools=`), as a server passes them
-
-
-@dataclass(frozen=True)
-class Raw:
-    segments: tuple[tuple[str, bool], ...]  # (text, trained)
-
-
-@dataclass(frozen=True)
-class Preference:
-    prompt: tuple[dict, ...]
-    chosen: tuple[dict, ...] = field(default=())  # assistant message(s) that answer the prompt
-    rejected: tuple[dict, ...] = field(default=())
-    label: bool | None = None  # KTO: chosen holds the one answer, label says if it is desirable
-    margin: object = None  # the row's `margin` value as read (a reward model with rm.use_margin checks it)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A prompt to sample answers to (GRPO): the conversation up to the answer, as the data gave
-    it (`given`: the prompt text, or the messages), and the row's other columns, which reward
-    functions receive by name (e.g. the expected `answer`)."""
-
-    messages: tuple[dict, ...]
-    given: object
-    columns: dict = field(default_factory=dict)
 
 
 def detect_format(row: dict) -> str:
@@ -104,11 +63,6 @@ def rename_columns(row: dict, columns: dict[str, str]) -> dict:
     return out
 
 
-def kind(value) -> str:
-    """A value's type for messages: Python's name, and null (as the file says) for None."""
-    return "null" if value is None else type(value).__name__
-
-
 def convert_row(data, fmt: str, *, columns: dict[str, str], tools: tuple[dict, ...], allowed: set[str], place: str) -> tuple[object, str]:
     """A row as read, as a sample, and its format: `fmt`, or with "auto" the one this row's columns tell.
 
@@ -137,10 +91,6 @@ def convert(row: dict, fmt: str, *, tools: tuple[dict, ...] = ()):
     if not isinstance(row, dict):
         raise BadRow(f"a row must be an object with named fields, not {kind(row)}")
     if fmt in ("messages", "sharegpt"):
-        from ftune.data import (
-            conversation,  # tool calls, tool results and reasoning (it imports this module)
-        )
-
         return (conversation.messages_chat if fmt == "messages" else conversation.sharegpt_chat)(row, tools)
     return _CONVERTERS[fmt](row)
 

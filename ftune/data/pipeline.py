@@ -21,18 +21,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ftune.guards import textio
+from ftune.artifacts.lock import pid_alive
+from ftune.artifacts.ownership import OUTPUT_MARKER, is_output, write_json
 from ftune.data import cache_entry, cleaning, encode
 from ftune.data.build import build, default_num_proc
-from ftune.data.rendering import Formatter
 from ftune.data.conversation import source_tools
 from ftune.data.formats import BadRow, convert_row
 from ftune.data.packing import Encoded
 from ftune.data.render_proof import audit_labels, enforce
+from ftune.data.rendering import Formatter
 from ftune.data.sources import open_source, read_source
 from ftune.errors import FtuneError
-from ftune.artifacts.lock import pid_alive
-from ftune.artifacts.ownership import OUTPUT_MARKER, is_output, write_json
+from ftune.guards import textio
 
 if TYPE_CHECKING:
     from ftune.recipe import DataSection, Recipe

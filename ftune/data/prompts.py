@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftune.data.rendering import Formatter
 from ftune.data.chat_template import TemplateFailed
 from ftune.data.pipeline import DataReport, Loaded, load_samples
+from ftune.data.rendering import Formatter
 from ftune.errors import FtuneError
 from ftune.recipe import Recipe
 

@@ -13,8 +13,8 @@ and the first token that differs, and stops the run unless `data.render_check: w
 
 from __future__ import annotations
 
-from ftune.data.rendering import IGNORE
 from ftune.data.formats import BadRow, Raw
+from ftune.data.rendering import IGNORE
 from ftune.errors import FtuneError
 
 CONVERSATIONS_CHECKED = 200  # the first conversations of the (shuffled) training set

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftune.guards import textio
 from ftune.errors import FtuneError
+from ftune.guards import textio
 
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 BLOCK = 1 << 20

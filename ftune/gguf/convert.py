@@ -19,7 +19,7 @@ from ftune.errors import FtuneError
 from ftune.gguf import arch as archs
 from ftune.gguf.quant_types import OutputType
 from ftune.gguf.vocab import Vocab, llamacpp_model_name, read_vocab, write_vocab
-from ftune.modeling.weights import tensor_index
+from ftune.guards.weights import tensor_index
 
 if TYPE_CHECKING:
     import numpy as np

@@ -34,14 +34,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftune.guards import signals, textio
+from ftune.artifacts.file_targets import check_file_target
+from ftune.artifacts.ownership import parents_made
+from ftune.artifacts.ownership import RUN_FILE, read_json_object, write_json
+from ftune.artifacts.runs import read_run
 from ftune.errors import FtuneError
 from ftune.gguf import report as quant_report
 from ftune.gguf.quant_types import TYPES, OutputType, parse_type
-from ftune.artifacts.file_targets import check_file_target
-from ftune.artifacts.ownership import parents_made
-from ftune.artifacts.runs import RUN_FILE, read_json_object, read_run, write_json
-from ftune.modeling.weights import check_weights
+from ftune.guards import signals, textio
+from ftune.guards.weights import check_weights
 
 DEMO_NAME = "SmolLM2-135M-Instruct"
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftune.guards import textio
+from ftune.artifacts.ownership import atomic_file
 from ftune.errors import FtuneError
 from ftune.gguf.vocab import Vocab
-from ftune.artifacts.runs import atomic_file
+from ftune.guards import textio
 
 MODELFILE = "Modelfile"
 WRITTEN_BY = "# Written by ftune export-gguf."  # the first line: what makes a Modelfile ftune's

@@ -11,10 +11,10 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from ftune.guards import signals
 from ftune.errors import FtuneError
 from ftune.gguf.quant_types import OutputType
 from ftune.gguf.verify import captured_llama_log, require_llama_cpp, worker_threads
+from ftune.guards import signals
 
 LLAMACPP_UPGRADE = "pip install -U 'ftune[llamacpp]'"
 

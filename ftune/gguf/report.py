@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftune.guards import textio
 from ftune.errors import FtuneError
+from ftune.guards import textio
 
 DEFAULT_BUDGET = 0.05
 """Perplexity a type may add over the lossless source's and still be picked: +5%."""
@@ -127,9 +127,9 @@ def prepare(model: str, request: Request) -> EvalData:
 
     Called before the conversion: a missing or malformed data file fails in seconds, not after it.
     """
+    from ftune.artifacts.runs import RECIPE_FILE
     from ftune.commands import chat, evaluate
     from ftune.modeling.compare import held_out_prompts
-    from ftune.artifacts.runs import RECIPE_FILE
 
     target = chat.resolve(model)
     held_out = None
@@ -153,10 +153,10 @@ def prepare(model: str, request: Request) -> EvalData:
 def measure(files: dict[str, Path], source: Path, source_type: str, data: EvalData, request: Request, *,
             model: str, say: Callable[[str], None]) -> dict:
     """The report for `files` ({type: published GGUF}) against the lossless `source` GGUF."""
+    from ftune.artifacts.runs import package_versions
     from ftune.commands import chat
     from ftune.commands.evaluate import gguf_loss
     from ftune.gguf.verify import worker_threads
-    from ftune.artifacts.runs import package_versions
 
     parameters = parameter_count(source)
     context = max(int(data.eval_set.lengths().max()), MIN_CONTEXT)
@@ -341,7 +341,7 @@ def _number(value: float | None, spec: str) -> str:
 
 def write(report: dict, json_path: Path, png_path: Path) -> list[Path]:
     """The chart, then the JSON that names it; each renamed into place only when complete."""
-    from ftune.artifacts.runs import write_json
+    from ftune.artifacts.ownership import write_json
 
     write_chart(report, png_path)
     report, nulls = textio.nulled(report)  # a NaN figure is written as null, and said
@@ -358,7 +358,7 @@ def write_chart(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ftune.artifacts.runs import atomic_file
+    from ftune.artifacts.ownership import atomic_file
 
     source = report["source"]
     rows = [r for r in report["types"] if r["perplexity"] is not None]

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftune.guards import textio
 from ftune.errors import FtuneError
 from ftune.gguf.quant_types import LLAMACPP_INSTALL, OutputType
+from ftune.guards import textio
 from ftune.modeling.compare import GREEDY_TOKENS, greedy_continuation, held_out_prompts, render_plain
 
 if TYPE_CHECKING:
@@ -145,8 +145,8 @@ def reference_outputs(model_dir: Path) -> Reference:
 
 def merged_run_prompts(model_dir: Path) -> Path | None:
     """The held-out prompts of the run a merged model came from (its merge.json names the run), if still there."""
-    from ftune.merge.support import MERGE_FILE
     from ftune.artifacts.runs import EVAL_PROMPTS_FILE
+    from ftune.merge.support import MERGE_FILE
 
     try:
         source = textio.load_file(model_dir / MERGE_FILE, "merge file")["source"]

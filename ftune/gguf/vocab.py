@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftune.guards import textio
 from ftune.errors import FtuneError
 from ftune.gguf.templates import TemplateMatch, match_template
+from ftune.guards import textio
 
 if TYPE_CHECKING:
     from gguf import GGUFWriter

@@ -20,18 +20,17 @@ import difflib
 from collections.abc import Callable
 from pathlib import Path
 
-from ftune.guards import textio
-from ftune.modeling import models
+from ftune.artifacts.ownership import atomic_dir, check_target, write_json
 from ftune.errors import FtuneError
-from ftune.merge.parity import verify_parity
+from ftune.guards import textio
+from ftune.merge.parity import render_report, verify_parity
 from ftune.merge.plan import plan_merge
-from ftune.merge.report import render_report
 from ftune.merge.scores import render_scores, verify_scores
 from ftune.merge.source import DTYPES, Source, config_dtype, read_source
 from ftune.merge.support import copy_support_files, write_config, write_provenance
 from ftune.merge.writer import MAX_SHARD_BYTES, write_weights
+from ftune.modeling import models
 from ftune.modeling.compare import read_prompts
-from ftune.artifacts.runs import atomic_dir, check_target, write_json
 
 ONTO = ("quantized", "original")
 PARITY_FILE = "parity.json"

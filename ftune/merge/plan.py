@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftune.errors import FtuneError
+from ftune.guards.weights import TensorInfo, tensor_index
 from ftune.merge.arithmetic import Ia3Weight, LoraWeight, lora_rank_and_scale, vera_as_lora
 from ftune.merge.source import Source
-from ftune.modeling.weights import TensorInfo, tensor_index
 
 if TYPE_CHECKING:
     import torch

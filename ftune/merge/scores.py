@@ -14,8 +14,8 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from ftune.merge.parity import TOLERANCES, _adapter_model, _device, _lower_precision
 from ftune.data.chat_template import render  # bounded in time: a template that runs away is an error naming it
+from ftune.merge.parity import TOLERANCES, _adapter_model, _device, _lower_precision
 from ftune.merge.source import Source
 from ftune.modeling.compare import BUILTIN_QUESTIONS, read_prompts, render_plain
 

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftune.artifacts import run_checks
-from ftune.guards import textio
+from ftune.artifacts.ownership import RUN_FILE
+from ftune.artifacts.runs import ADAPTER_DIR, CHECKPOINTS_DIR, Run, read_run
 from ftune.errors import FtuneError
-from ftune.artifacts.runs import ADAPTER_DIR, CHECKPOINTS_DIR, RUN_FILE, Run, read_run
+from ftune.guards import textio
 
 if TYPE_CHECKING:
     from ftune.recipe import QuantizationSection
@@ -125,13 +126,13 @@ def _locate(source: Path) -> tuple[Path | None, Path]:
 
 def _base_path(source: Path, base: str | None, run: Run | None, adapter_config: dict) -> str:
     """The base model's local directory: --base, else the run's (found again by name if it moved), else the adapter's."""
-    from ftune.modeling.models import resolve_model_path
+    from ftune.modeling.models import resolve_model_path, run_base_path
 
     try:
         if base is not None:
             return resolve_model_path(base)
         if run is not None:
-            return run.base_path()
+            return run_base_path(run)
         name, revision = adapter_config.get("base_model_name_or_path"), adapter_config.get("revision")
         if not isinstance(name, str) or not name:
             raise FtuneError(f"{ADAPTER_CONFIG} does not name its base model (base_model_name_or_path)")

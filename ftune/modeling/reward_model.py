@@ -1,4 +1,4 @@
-"""Reward models: a score head on the decoder, read where transformers reads it; their loss and figures.
+"""Reward models: a score head on the decoder, read where transformers reads it, and scoring with a trained one.
 
 The model is the base as transformers' sequence-classification model with one output
 (`AutoModelForSequenceClassification`, num_labels=1): the decoder, then `score`, a linear map
@@ -14,9 +14,7 @@ the decoder once with position ids restarting per sequence (as training.TokenLog
 applies the head at those positions only: never at padding, never in a neighbour. SmolLM2 pads
 with its end-of-turn token, so a ChatML answer "...<|im_end|>\\n" is read at the final newline.
 
-Loss (Bradley-Terry): -log sigmoid(r_chosen - r_rejected - margin) per pair, the margin 0 unless
-rm.use_margin, plus rm.center_coefficient x (r_chosen + r_rejected)^2, which keeps rewards near
-zero (Eisenstein et al. 2023; TRL's center_rewards_coefficient).
+Training one (its model built for training, loss, figures) is train/reward_training.py's.
 
 To score with a trained reward model (`ftune score`, `ftune eval`, GRPO's reward_model reward):
 `load(path)` gives a `RewardModel`, whose `score(conversations)` and `score_texts(texts)` return
@@ -25,48 +23,27 @@ rewards read exactly as training read them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ftune.artifacts import run_checks, runs
-from ftune.guards import textio
-from ftune.modeling import adapters, attention, models
-from ftune.train import training
-from ftune.data.rendering import IGNORE, Formatter, make_formatter
+from ftune.artifacts import ownership, run_checks, runs
 from ftune.data.formats import Chat
 from ftune.data.packing import Encoded
+from ftune.data.pairs import packed_rows
+from ftune.data.rendering import IGNORE, Formatter, make_formatter
 from ftune.errors import FtuneError
-from ftune.train.preference import PairSet, encode_pairs, packed_rows
-from ftune.recipe import CHAT_TEMPLATE_NAMES, Recipe
+from ftune.guards import textio
+from ftune.modeling import attention, models
+from ftune.recipe import CHAT_TEMPLATE_NAMES
 
 HEAD = "score"  # transformers' name for the head of its decoder sequence-classification models
 TASK_TYPE = "SEQ_CLS"  # peft's task for them: the head goes into modules_to_save
-FIGURES = ("reward_accuracy", "reward_margin", "reward_mean")
 
 
 # --------------------------------------------------------------------------- the model
-
-
-def build_model(recipe: Recipe, model_path: str, dtype, *, adapter_from: Path | None = None):
-    """The base with a one-output score head, and its adapter: a fresh one, or an SFT run's
-    (`adapter_from`) continued with a new head; fully trainable with adapter.method none."""
-    base = recipe.base_model
-    model = models.load_model(model_path, dtype=dtype, quantization=recipe.quantization, trust_remote_code=base.trust_remote_code,
-                              attn_implementation=base.attn_implementation, score_head=True)
-    model.config.use_cache = False
-    if base.attn_implementation == "auto":
-        attention.enable(model, recipe.data.max_length)  # chosen and rejected are packed: attention sample by sample
-    model = training.memory_savers(model, recipe)
-    if recipe.adapter.method == "none":
-        return model
-    if adapter_from is not None:
-        return continue_adapter(model, adapter_from)
-    return adapters.attach(model, recipe.adapter, model_path, task_type=TASK_TYPE)
 
 
 def continue_adapter(model, adapter_dir: Path):
@@ -149,137 +126,6 @@ def sequence_rewards(scorer, data: Encoded, indices: list[int], *, max_length: i
     return scorer(input_ids=batch["input_ids"], position_ids=batch["position_ids"], ends=ends)
 
 
-# --------------------------------------------------------------------------- data
-
-
-def encode(formatter, loaded, recipe: Recipe, report) -> PairSet:
-    """Pairs tokenized as DPO tokenizes them (prompt masked, each answer labelled), with each pair's
-    margin when rm.use_margin; a row whose margin is not a number is a bad row (data.on_bad_row)."""
-    samples = loaded.samples
-    if recipe.rm.use_margin:
-        samples = []
-        for sample, place in zip(loaded.samples, loaded.places):
-            try:
-                samples.append(_with_margin(sample))
-            except ValueError as exc:
-                if recipe.data.on_bad_row == "error":
-                    raise FtuneError(str(exc), place=place, hint="fix the row, or set data.on_bad_row: skip") from None
-                report.skipped_count += 1
-                if len(report.skipped) < 20:
-                    report.skipped.append(f"{place}: {exc}")
-    return encode_pairs(formatter, samples, method="dpo", max_length=recipe.data.max_length,
-                        max_prompt_length=recipe.rm.max_prompt_length, report=report, with_margins=recipe.rm.use_margin)
-
-
-def _with_margin(sample):
-    from dataclasses import replace
-
-    value = sample.margin
-    if value is None:
-        raise ValueError("missing field 'margin' (rm.use_margin reads every pair's margin)")
-    if isinstance(value, str):  # CSV has no numbers
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise ValueError(f"field 'margin' must be a number, not {sample.margin!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"field 'margin' must be a number, not {type(value).__name__}")
-    if not math.isfinite(value) or abs(value) > 1e6:
-        raise ValueError(f"field 'margin' must be a finite number of reasonable size, not {value!r}")
-    return replace(sample, margin=float(value))
-
-
-def first_pairs(pairs: PairSet, n: int) -> PairSet:
-    return PairSet(pairs.sequences.head(2 * n), None, pairs.margins[:n] if pairs.margins is not None else None)
-
-
-def whole_sequences(pairs: PairSet):
-    """Each held-out sequence with no label: eval_prompts.jsonl then holds the whole texts the
-    merge's parity check scores (chosen and rejected alternate, so lines 2i and 2i+1 are a pair)."""
-    for i in range(len(pairs.sequences)):
-        ids, _ = pairs.sequences.sample(i)
-        yield ids, np.full(len(ids), IGNORE)
-
-
-# --------------------------------------------------------------------------- loss and figures
-
-
-def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, margins: torch.Tensor | None = None, center: float = 0.0) -> torch.Tensor:
-    """Per pair: -log sigmoid(r_chosen - r_rejected - margin) + center x (r_chosen + r_rejected)^2."""
-    difference = chosen - rejected - (margins if margins is not None else 0.0)
-    losses = -F.logsigmoid(difference)
-    if center:
-        losses = losses + center * (chosen + rejected) ** 2
-    return losses
-
-
-def pair_figures(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, tuple[float, float]]:
-    """FIGURES as (sum, weight): the share of pairs whose chosen answer scores higher (a tie is
-    wrong, as TRL counts it), the mean r_chosen - r_rejected, and the mean reward of all answers."""
-    chosen, rejected = chosen.detach().float(), rejected.detach().float()
-    n = float(len(chosen))
-    return {"reward_accuracy": (float((chosen > rejected).sum()), n),
-            "reward_margin": (float((chosen - rejected).sum()), n),
-            "reward_mean": (float(chosen.sum() + rejected.sum()), 2 * n)}
-
-
-class StepSpread:
-    """The standard deviation of one optimizer step's rewards over every process, sqrt(E[r^2] - E[r]^2),
-    from the sums each pass `add`s; `start` begins a step (Training.before_step), `figures` ends it
-    (Training.figures: every process calls it, for the sums it exchanges)."""
-
-    def __init__(self, ctx) -> None:
-        self.ctx = ctx
-        self.start()
-
-    def start(self, _group=None) -> None:
-        self.count = self.total = self.squares = 0.0
-
-    def add(self, rewards: torch.Tensor) -> None:
-        values = rewards.detach().double()
-        self.count += len(values)
-        self.total += float(values.sum())
-        self.squares += float((values * values).sum())
-
-    def figures(self) -> dict[str, float]:
-        count, total, squares = (self.ctx.sum(v) for v in (self.count, self.total, self.squares))
-        if not count:
-            return {}
-        mean = total / count
-        return {"reward_std": math.sqrt(max(squares / count - mean * mean, 0.0))}
-
-
-@torch.no_grad()
-def score_pairs(rewards, count: int, batch_pairs: int, stop=None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(chosen, rejected) rewards of pairs 0..count-1, `batch_pairs` at a time through
-    `rewards(pairs) -> (chosen, rejected)`; None when `stop()` asked to stop part-way."""
-    chosen, rejected = [], []
-    for start in range(0, count, batch_pairs):
-        if stop is not None and stop():
-            return None
-        c, r = rewards(list(range(start, min(start + batch_pairs, count))))
-        chosen.append(c.float().cpu())
-        rejected.append(r.float().cpu())
-    empty = torch.zeros(0)
-    return (torch.cat(chosen) if chosen else empty), (torch.cat(rejected) if rejected else empty)
-
-
-def held_out_figures(chosen: torch.Tensor, rejected: torch.Tensor, margins: torch.Tensor | None, center: float,
-                     prefix: str = "eval_") -> dict[str, float]:
-    """The loss, pairwise accuracy, mean margin and reward mean and std over a whole set of pairs."""
-    both = torch.cat([chosen, rejected])
-    out = {"loss": float(pair_losses(chosen, rejected, margins, center).mean()),
-           **{k: total / weight for k, (total, weight) in pair_figures(chosen, rejected).items()},
-           "reward_std": float(both.std(unbiased=False)), "pairs": len(chosen)}
-    return {prefix + k: v for k, v in out.items()}
-
-
-def worst_pairs(chosen: torch.Tensor, rejected: torch.Tensor, n: int) -> list[tuple[int, float, float]]:
-    """The `n` pairs with the lowest r_chosen - r_rejected: (pair, r_chosen, r_rejected), worst first."""
-    order = torch.argsort(chosen - rejected)[:n].tolist()
-    return [(i, float(chosen[i]), float(rejected[i])) for i in order]
-
-
 # --------------------------------------------------------------------------- scoring with a trained model
 
 
@@ -289,13 +135,13 @@ def reward_model_kind(path: Path) -> str | None:
     path = Path(path).expanduser()
     if not path.is_dir():
         return None
-    if (path / runs.RUN_FILE).is_file():
-        meta = runs.read_json_object(path / runs.RUN_FILE) or {}
+    if (path / ownership.RUN_FILE).is_file():
+        meta = ownership.read_json_object(path / ownership.RUN_FILE) or {}
         return "an ftune reward-model run (stage: rm)" if meta.get("stage") == "rm" else None
-    adapter = runs.read_json_object(path / "adapter_config.json")
+    adapter = ownership.read_json_object(path / "adapter_config.json")
     if adapter is not None:
         return f"a reward-model adapter (peft task {TASK_TYPE})" if adapter.get("task_type") == TASK_TYPE else None
-    names = (runs.read_json_object(path / "config.json") or {}).get("architectures") or []
+    names = (ownership.read_json_object(path / "config.json") or {}).get("architectures") or []
     found = [n for n in names if isinstance(n, str) and n.endswith("ForSequenceClassification")]
     return f"a sequence-classification model ({found[0]})" if found else None
 
@@ -353,7 +199,7 @@ def load(path: Path, *, device=None, trust_remote_code: bool = False) -> RewardM
     from ftune.recipe import QuantizationSection
 
     path = Path(path).expanduser()
-    if (path / runs.RUN_FILE).is_file():
+    if (path / ownership.RUN_FILE).is_file():
         runs.read_run(path, expect="reward model")  # a damaged run, or one of another stage, named as such
     elif (path / "adapter_config.json").is_file():
         run_checks.check_adapter(path)
@@ -361,7 +207,7 @@ def load(path: Path, *, device=None, trust_remote_code: bool = False) -> RewardM
         raise FtuneError(f"{path} is not a reward model", hint="pass an `ftune rm` run directory (or its adapter, or a model "
                          "merged from one); train one with `ftune rm RECIPE`")
     template, system, quantization, dtype, adapter, weights = "auto", None, None, "auto", None, path
-    if (path / runs.RUN_FILE).is_file():
+    if (path / ownership.RUN_FILE).is_file():
         run = runs.read_run(path)
         recipe = run.recipe()
         if recipe is not None and recipe.data.chat_template in CHAT_TEMPLATE_NAMES:
@@ -369,7 +215,7 @@ def load(path: Path, *, device=None, trust_remote_code: bool = False) -> RewardM
         system = recipe.data.system_prompt if recipe is not None else None
         quantization = QuantizationSection.model_validate(run.quantization) if run.quantization else None
         dtype = run.dtype or "auto"
-        weights, adapter = (run.model_dir, None) if (run.model_dir / "config.json").is_file() else (Path(run.base_path()), run.adapter_dir)
+        weights, adapter = (run.model_dir, None) if (run.model_dir / "config.json").is_file() else (Path(models.run_base_path(run)), run.adapter_dir)
     elif (path / "adapter_config.json").is_file():
         config = textio.load_file(path / "adapter_config.json", "adapter config")
         base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
@@ -399,3 +245,20 @@ def score_texts(model: RewardModel, texts: list[str]) -> list[float]:
     """Rewards of rendered texts (see RewardModel.score_texts)."""
     return model.score_texts(texts)
 
+
+def use_lines(run_dir: Path) -> list[str]:
+    """The run card's Use section for a reward model: loading it in plain transformers (and peft)."""
+    run = runs.read_run(run_dir)
+    full = (run.model_dir / "config.json").is_file()
+    load = ([f"model = AutoModelForSequenceClassification.from_pretrained('{run.model_dir}')"] if full else
+            ["from peft import PeftModel",
+             f"base = AutoModelForSequenceClassification.from_pretrained('{run.base_model_path}', num_labels=1)",
+             f"model = PeftModel.from_pretrained(base, '{run.adapter_dir}')"])
+    return ["", "## Use", "", "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer", *load,
+            f"tokenizer = AutoTokenizer.from_pretrained('{run.model_dir if full else run.adapter_dir}')",
+            "inputs = tokenizer.apply_chat_template(messages, return_tensors='pt', return_dict=True)  # the prompt, then the answer",
+            "reward = model(**inputs).logits[0, 0]", "```", "",
+            ("The reward is read at the last token that is not the pad token, as transformers reads it: score one "
+             "conversation at a time, or pad on the right. `ftune score RUN --data FILE` scores the rows or pairs of a file, "
+             f"`ftune eval {run_dir}` reports held-out pairwise accuracy, and `ftune merge {run_dir} --out merged/` writes a "
+             "plain sequence-classification model. There is no GGUF export: llama.cpp does not run score heads."), ""]

@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ftune.guards import safe_yaml
 from ftune.errors import RecipeError
+from ftune.guards import safe_yaml
 from ftune.recipe.model import Recipe
 from ftune.recipe.sections import MAX_RECIPE_BYTES, CrossFieldError
 

@@ -22,7 +22,6 @@ from ftune.recipe.sections import (
     RMSection,
     Section,
     TrainingSection,
-    _adapter_problems,
 )
 
 MAX_EPOCH_SAMPLES = 1 << 24  # a mixture epoch's samples, drawn and batched in memory: ~1 GiB of indices and batches
@@ -191,6 +190,20 @@ def _column_problems(source: DataSource, at: tuple) -> list[tuple[tuple, str]]:
     return problems
 
 
+
+
+def _adapter_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """Rules between the adapter and the other sections."""
+    problems: list[tuple[str, str]] = []
+    method = recipe.adapter.method
+    if method in VIRTUAL_TOKEN_METHODS and recipe.stage == "sft" and recipe.data.packing:
+        problems.append(("data.packing", f"{method} puts its virtual tokens before each sample, and packed samples share a "
+                         "row; set data.packing: false"))
+    if method == "prefix_tuning" and recipe.training.gradient_checkpointing:
+        problems.append(("training.gradient_checkpointing", "prefix_tuning does not work with gradient checkpointing (peft "
+                         "refuses it: the virtual keys and values live in the attention cache, which recomputing a layer "
+                         "fills again); set gradient_checkpointing: false"))
+    return problems
 
 
 def _sft_data_problems(recipe: Recipe) -> list[tuple[str | tuple, str]]:

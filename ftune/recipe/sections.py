@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -12,10 +12,6 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
-
-if TYPE_CHECKING:
-    from ftune.recipe.model import Recipe
-
 
 MAX_RECIPE_BYTES = 1 << 20  # recipes are small: a bigger file is something else given by mistake
 # Bounds for numbers that reach numpy and torch, which fail (or allocate without end) past them.
@@ -158,20 +154,6 @@ class AdapterSection(Section):
     def _only_what_applies(self, handler) -> dict:
         # The resolved recipe (recipe.yaml, run.json) keeps the fields of its method only, so it validates again.
         return {k: v for k, v in handler(self).items() if self.method in ADAPTER_FIELDS.get(k, (self.method,))}
-
-
-def _adapter_problems(recipe: Recipe) -> list[tuple[str, str]]:
-    """Rules between the adapter and the other sections."""
-    problems: list[tuple[str, str]] = []
-    method = recipe.adapter.method
-    if method in VIRTUAL_TOKEN_METHODS and recipe.stage == "sft" and recipe.data.packing:
-        problems.append(("data.packing", f"{method} puts its virtual tokens before each sample, and packed samples share a "
-                         "row; set data.packing: false"))
-    if method == "prefix_tuning" and recipe.training.gradient_checkpointing:
-        problems.append(("training.gradient_checkpointing", "prefix_tuning does not work with gradient checkpointing (peft "
-                         "refuses it: the virtual keys and values live in the attention cache, which recomputing a layer "
-                         "fills again); set gradient_checkpointing: false"))
-    return problems
 
 
 class QuantizationSection(Section):

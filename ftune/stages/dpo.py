@@ -4,53 +4,44 @@ Start: the adapter of the SFT run `preference.init_from` names (in --smoke, that
 run when there is one), else a fresh adapter on the base. Data: prompt + chosen and prompt +
 rejected, labelled on the final answer only. A step: each micro-batch packs its pairs' two
 sequences together (in passes of at most `training.tokens_per_pass` tokens); a pair's loss is
-its objective on the policy's and the reference's log-probs (preference.py), and the step's
+its objective on the policy's and the reference's log-probs (train/preference.py), and the step's
 loss is the mean over its pairs. The reference is the model as training started, scored
 lazily, the first time the run reaches each pair (reference.py). Evaluation: the same loss,
-reward accuracy and margins on held-out pairs. stages/loop.py does the rest.
+reward accuracy and margins on held-out pairs. train/loop.py's `fit` does the rest.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ftune.train import steps, training
-from ftune.data.pipeline import load_samples
-from ftune.errors import FtuneError
-from ftune.train.preference import REFERENCE_FREE, PairSet, encode_pairs, preference_loss, reward_metrics, sequence_logps
+from ftune.data.pairs import PairSet, encode_pairs
 from ftune.recipe import Recipe
+from ftune.train import loop, pair_steps, steps
+from ftune.train.preference import REFERENCE_FREE, preference_loss, reward_metrics, sequence_logps
 from ftune.train.reference import ReferenceLogps, start_scope
-from ftune.train import loop
-from ftune.train.stage import Data, Loss, Pass, Setup, Stage, Training
+from ftune.train.stage import Data, Extras, Loss, Pass, Setup, Step
 
-SMOKE_PAIRS = 8
 FIGURES = {"pairs": ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected"),
            "kto": ("reward_accuracy", "kl", "reward_desirable", "reward_undesirable")}
 
 
-def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, resume: bool = False, overwrite: bool = False) -> Path:
-    return loop.run_stage(STAGE, recipe_path, overrides, smoke=smoke, resume=resume, overwrite=overwrite)
-
-
-
 def load_data(recipe: Recipe, tokenizer, formatter, base_dir: Path, smoke: bool) -> Data:
-    """Pairs: prompt + chosen and prompt + rejected, labelled on the final answer only."""
-    pref, tc = recipe.preference, recipe.training
-    train_rows, eval_rows, report, _ = load_samples(recipe.data, base_dir=base_dir, seed=tc.seed, allowed={"preference", "kto"})
-    if smoke:  # encode no more than a smoke run can use: the pairs of one optimizer step, twice over
-        keep = 2 * max(SMOKE_PAIRS, tc.batch_size * tc.gradient_accumulation_steps * recipe.distributed.num_processes)
-        train_rows.samples, eval_rows.samples = train_rows.samples[:keep], eval_rows.samples[:loop.SMOKE_EVAL]
-    encode = dict(method=pref.method, max_length=recipe.data.max_length, max_prompt_length=pref.max_prompt_length, report=report)
-    train = encode_pairs(formatter, train_rows.samples, **encode)
-    if len(train) == 0:
-        raise FtuneError("no usable preference pairs", hint="check data.max_length and the rows reported above")
-    return Data(train, encode_pairs(formatter, eval_rows.samples, **encode), report)
+    """Pairs (or KTO examples): prompt + chosen and prompt + rejected, labelled on the final answer only."""
+    pref = recipe.preference
+    encode = dict(method=pref.method, max_length=recipe.data.max_length, max_prompt_length=pref.max_prompt_length)
+    return pair_steps.read_pairs(recipe, base_dir, smoke, allowed={"preference", "kto"},
+                                 encode=lambda rows, report: encode_pairs(formatter, rows.samples, **encode, report=report))
 
 
-def start(setup: Setup) -> Training:
+def show_data(data: Data, say) -> None:
+    unit = "examples" if data.train.kto_labels is not None else "pairs"
+    loop.show_report("preference data", data.report, [(f"train / eval {unit}", f"{len(data.train)} / {len(data.eval)}"),
+                                                      ("too long", f"{data.report.truncated} truncated, {data.report.dropped_too_long} dropped")], say)
+
+
+def start(setup: Setup) -> Step:
     recipe, pref, ctx = setup.recipe, setup.recipe.preference, setup.ctx
     train, held_out, pairs_per_batch = setup.data.train, setup.data.eval, recipe.training.batch_size
     args = dict(max_length=recipe.data.max_length, pad_id=setup.tokenizer.pad_token_id, device=ctx.device)
@@ -75,11 +66,12 @@ def start(setup: Setup) -> Training:
         losses, rewards = preference_loss(pref, logps, counts, ref, labels)
         return losses, figures(rewards, len(pairs), pref.method)
 
-    def passes(micro_batch: list[int]) -> list[Pass]:
+    def passes(micro_batches: list[list[int]]) -> list[Pass]:
+        """The step's pairs not scored by the reference yet are scored first, then each micro-batch split into passes."""
+        if reference is not None:
+            reference.ensure("train", [p for micro_batch in micro_batches for p in micro_batch], pairs_per_batch)
         budget = None if pref.method == "kto" else setup.budget  # KTO's KL baseline is a mean over its micro-batch
-        lengths = train.sequences.lengths()
-        sizes = [int(lengths[2 * p] + lengths[2 * p + 1]) for p in micro_batch]  # both sequences, packed together
-        return [Pass(part, len(part)) for part in training.split_passes(micro_batch, sizes, budget, padded=False)]
+        return [one for micro_batch in micro_batches for one in pair_steps.passes(train, micro_batch, budget)]
 
     def loss(pairs: list[int]) -> Loss:
         losses, figures_ = scored("train", train, pairs)
@@ -101,12 +93,10 @@ def start(setup: Setup) -> Training:
             setup.scorer.train()
         return {"eval_loss": total / len(held_out), **{f"eval_{k}": t / w for k, (t, w) in sums.items() if w}}
 
-    hooks = Training(passes=passes, loss=loss, evaluate=evaluate)
     if reference is None:
-        return hooks
-    return replace(hooks, state=reference.state, restore=reference.restore,
-                   before_step=lambda group: reference.ensure("train", [p for mb in group for p in mb], pairs_per_batch),
-                   summary=lambda: {"reference_pairs_scored": int(ctx.sum(reference.scored("train")))})
+        return Step(passes, loss, evaluate)
+    return Step(passes, loss, evaluate,
+                Extras(kept=reference, summary=lambda: {"reference_pairs_scored": int(ctx.sum(reference.scored("train")))}))
 
 
 def figures(rewards: dict, pairs: int, method: str) -> dict[str, tuple[float, int]]:
@@ -127,28 +117,12 @@ def pairs_to_train(setup: Setup) -> list[int]:
     return list(seen)
 
 
-def show_data(data: Data, say) -> None:
-    unit = "examples" if data.train.kto_labels is not None else "pairs"
-    loop.show_report("preference data", data.report, [(f"train / eval {unit}", f"{len(data.train)} / {len(data.eval)}"),
-                                                      ("too long", f"{data.report.truncated} truncated, {data.report.dropped_too_long} dropped")], say)
-
-
 def describe(recipe: Recipe) -> str:
     return f"{recipe.preference.method} (beta {recipe.preference.beta})"
 
 
-def head(data: Data, n: int, m: int) -> Data:
-    def first(pairs: PairSet, k: int) -> PairSet:
-        return PairSet(pairs.sequences.head(2 * k), pairs.kto_labels[:k] if pairs.kto_labels is not None else None)
-
-    return Data(first(data.train, n), first(data.eval, m), data.report)
-
-
-STAGE = Stage(
-    name="dpo", unit="pairs", rate="pairs", smoke_size=SMOKE_PAIRS,
-    data=load_data, show_data=show_data, head=head, inputs=loop.continued_inputs("preference.init_from"),
-    micro_batches=steps.pair_set_micro_batches,
-    held_out=lambda held_out: (held_out.sequences.sample(2 * i) for i in range(len(held_out))),
-    train=start,
-    describe=describe,
-)
+def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, resume: bool = False, overwrite: bool = False) -> Path:
+    return loop.fit(recipe_path, overrides, smoke=smoke, resume=resume, overwrite=overwrite,
+                    stage="dpo", unit="pairs", rate="pairs", smoke_size=pair_steps.SMOKE_PAIRS, continues="preference.init_from",
+                    data=load_data, show=show_data, micro_batches=pair_steps.micro_batches, start=start, describe=describe,
+                    eval_prompts=lambda held_out: (held_out.sequences.sample(2 * i) for i in range(len(held_out))))

@@ -5,48 +5,25 @@ audited (prepare_sft, cached); samples are packed into rows of max_length. A ste
 micro-batch of rows is split into passes of at most `training.tokens_per_pass` tokens; a
 pass's loss is the summed cross-entropy of its answer tokens, and the step's loss is the mean
 over all of them. Evaluation: the same loss (and perplexity) on the held-out samples.
-stages/loop.py does the rest: model, optimizer, resume, the steps, checkpoints, outputs.
+train/loop.py's `fit` does the rest: model, optimizer, resume, the steps, checkpoints, outputs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ftune.modeling import models
-from ftune.train import steps, training
-from ftune.data.rendering import IGNORE
 from ftune.data.packing import collate
 from ftune.data.pipeline import prepare_sft
+from ftune.data.rendering import IGNORE
+from ftune.modeling import models
 from ftune.recipe import Recipe
-from ftune.train import loop
-from ftune.train.stage import Data, Loss, Pass, Setup, Stage, Training
-
-
-def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, resume: bool = False, overwrite: bool = False) -> Path:
-    return loop.run_stage(STAGE, recipe_path, overrides, smoke=smoke, resume=resume, overwrite=overwrite)
+from ftune.train import loop, steps, training
+from ftune.train.stage import Data, Loss, Pass, Setup, Step
 
 
 def load_data(recipe: Recipe, tokenizer, formatter, base_dir: Path, smoke: bool) -> Data:
     train, held_out, report = prepare_sft(recipe, tokenizer, formatter, base_dir=base_dir, cache_root=models.cache_dir() / "data")
     return Data(train, held_out, report)
-
-
-def start(setup: Setup) -> Training:
-    recipe, train = setup.recipe, setup.data.train
-    pad_id, device = setup.tokenizer.pad_token_id, setup.ctx.device
-
-    def passes(micro_batch: list[list[int]]) -> list[Pass]:
-        parts = training.split_passes(micro_batch, steps.row_widths(train, micro_batch), setup.budget)
-        batches = [training.move(collate(train, rows, pad_id, packed=recipe.data.packing), device) for rows in parts]
-        return [Pass(batch, int((batch["targets"] != IGNORE).sum())) for batch in batches]
-
-    def loss(batch: dict) -> Loss:
-        return Loss(training.sft_loss_sum(setup.scorer, batch)[0])
-
-    def evaluate() -> dict | None:
-        return training.sft_eval(setup.scorer, setup.data.eval, recipe=recipe, pad_id=pad_id, device=device, stop=setup.stop)
-
-    return Training(passes=passes, loss=loss, evaluate=evaluate)
 
 
 def show_data(data: Data, say) -> None:
@@ -71,11 +48,27 @@ def show_data(data: Data, say) -> None:
         say(f"  render proof: {m['place']}, assistant turn messages[{m['turn']}]: {m['detail']}", highlight=False, markup=False)
 
 
-STAGE = Stage(
-    name="sft", unit="samples", rate="tokens", smoke_size=16,
-    data=load_data, show_data=show_data,
-    head=lambda data, n, m: Data(data.train.head(n), data.eval.head(m), data.report),
-    micro_batches=steps.sft_micro_batches,
-    held_out=lambda held_out: (held_out.sample(i) for i in range(len(held_out))),
-    train=start,
-)
+def start(setup: Setup) -> Step:
+    recipe, train = setup.recipe, setup.data.train
+    pad_id, device = setup.tokenizer.pad_token_id, setup.ctx.device
+
+    def passes(micro_batches: list[list[list[int]]]) -> list[Pass]:
+        """Each micro-batch of rows in passes of at most `setup.budget` tokens; a pass counts its answer tokens."""
+        parts = [rows for micro_batch in micro_batches
+                 for rows in training.split_passes(micro_batch, steps.row_widths(train, micro_batch), setup.budget)]
+        batches = [training.move(collate(train, rows, pad_id, packed=recipe.data.packing), device) for rows in parts]
+        return [Pass(batch, int((batch["targets"] != IGNORE).sum())) for batch in batches]
+
+    def loss(batch: dict) -> Loss:
+        return Loss(training.sft_loss_sum(setup.scorer, batch)[0])
+
+    def evaluate() -> dict | None:
+        return training.sft_eval(setup.scorer, setup.data.eval, recipe=recipe, pad_id=pad_id, device=device, stop=setup.stop)
+
+    return Step(passes, loss, evaluate)
+
+
+def run(recipe_path: Path, overrides: list[str] = (), *, smoke: bool = False, resume: bool = False, overwrite: bool = False) -> Path:
+    return loop.fit(recipe_path, overrides, smoke=smoke, resume=resume, overwrite=overwrite,
+                    stage="sft", unit="samples", rate="tokens", smoke_size=16,
+                    data=load_data, show=show_data, micro_batches=steps.sft_micro_batches, start=start)

@@ -2,8 +2,11 @@
 
 Only safetensors and JSON, never pickle: trainable weights, optimizer state flattened to
 tensors, the scheduler and data position as JSON, every RNG state, and whatever state the
-stage keeps per process (DPO: the reference log-probs scored so far). With several processes
-the main one writes the checkpoint and every other adds its own RNG and stage state to it.
+stage keeps per process (DPO: the reference log-probs scored so far; GRPO: its sampling RNG,
+counters, run card and a batch of completions). A stage's state is a dict: its tensors go to
+stage-rankN.safetensors, its other values (JSON-able: counters, texts) to stage-rankN.json; both
+come back as one dict, read back and checked, not trusted. With several processes the main one
+writes the checkpoint and every other adds its own RNG and stage state to it.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ftune.guards import textio
+from ftune.artifacts.ownership import atomic_dir, atomic_file
+from ftune.artifacts.runs import CHECKPOINTS_DIR
 from ftune.errors import FtuneError
-from ftune.artifacts.runs import CHECKPOINTS_DIR, atomic_dir, atomic_file
+from ftune.guards import textio
 
 STATE_FILE = "state.json"
 
@@ -27,33 +31,40 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, position: dict, keep: int, ctx=None,
-                    stage_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `checkpoints/step-N` (atomically) and keep the newest `keep` of them."""
+                    stage_state: dict | None = None) -> Path:
+    """Write `checkpoints/step-N` (atomically) and keep the newest `keep` of them.
+    `stage_state`: name -> a tensor, or a JSON-able value (written as JSON beside the tensors)."""
     from safetensors.torch import save
 
     root = run_dir / CHECKPOINTS_DIR
     final = root / f"step-{step:06d}"
-    stage_state = {k: v.contiguous() for k, v in (stage_state or {}).items()}
+    stage_state = stage_state or {}
+    stage_data = {k: v for k, v in stage_state.items() if not isinstance(v, torch.Tensor)}
+    stage_state = {k: v.contiguous() for k, v in stage_state.items() if isinstance(v, torch.Tensor)}
     if ctx is not None and ctx.world > 1:
         ctx.barrier()
         if ctx.is_main:
-            _write_checkpoint(final, step, model, optimizer, scheduler, position, stage_state)
+            _write_checkpoint(final, step, model, optimizer, scheduler, position, stage_state, stage_data)
         ctx.barrier()
         if not ctx.is_main:
             with atomic_file(final / f"rng-rank{ctx.rank}.safetensors", "wb") as handle:
                 handle.write(save({"torch": torch.get_rng_state()}))
             with atomic_file(final / f"stage-rank{ctx.rank}.safetensors", "wb") as handle:
                 handle.write(save(stage_state))
+            if stage_data:
+                with atomic_file(final / f"stage-rank{ctx.rank}.json") as handle:
+                    textio.dump(stage_data, handle)
         ctx.barrier()
     else:
-        _write_checkpoint(final, step, model, optimizer, scheduler, position, stage_state)
+        _write_checkpoint(final, step, model, optimizer, scheduler, position, stage_state, stage_data)
     if ctx is None or ctx.is_main:
         for old in sorted(root.glob("step-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _write_checkpoint(final: Path, step: int, model, optimizer, scheduler, position: dict, stage_state: dict) -> None:
+def _write_checkpoint(final: Path, step: int, model, optimizer, scheduler, position: dict, stage_state: dict,
+                      stage_data: dict) -> None:
     from safetensors.torch import save_file
 
     with atomic_dir(final, kind="checkpoint", overwrite=True) as tmp:
@@ -65,6 +76,8 @@ def _write_checkpoint(final: Path, step: int, model, optimizer, scheduler, posit
             rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         save_file(rng, tmp / "rng.safetensors")
         save_file(stage_state, tmp / "stage-rank0.safetensors")
+        if stage_data:  # a stage that keeps tensors only (DPO) writes none
+            (tmp / "stage-rank0.json").write_text(textio.dumps(stage_data), encoding="utf-8")
         np_state = np.random.get_state()
         state = {
             "step": step,
@@ -79,7 +92,8 @@ def _write_checkpoint(final: Path, step: int, model, optimizer, scheduler, posit
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
     """Restore weights, optimizer, scheduler and RNGs; return the saved state (step, position,
-    and this process's `stage_state`, empty when the checkpoint has none).
+    and this process's `stage_state`, its tensors and JSON values in one dict, empty when the
+    checkpoint has none: the stage checks what it takes back).
 
     A checkpoint is read back, not trusted: state.json's fields are checked for their types
     and every file that cannot be restored is refused by name (a damaged checkpoint is the
@@ -117,7 +131,24 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> d
                          place=str(path), hint=DAMAGED) from None
     stage_file = path / f"stage-rank{rank}.safetensors"
     state["stage_state"] = _load(stage_file) if stage_file.is_file() else {}
+    data_file = path / f"stage-rank{rank}.json"
+    if data_file.is_file():
+        state["stage_state"].update(_stage_data(data_file, state["stage_state"]))
     return state
+
+
+def _stage_data(file: Path, tensors: dict) -> dict:
+    """The JSON part of a stage's state: an object whose names are not its tensors' too."""
+    try:
+        data = textio.load_file(file, "checkpoint stage state")
+    except FtuneError as exc:
+        raise FtuneError(exc.message, place=exc.place, hint=DAMAGED) from None
+    if not isinstance(data, dict):
+        raise FtuneError(f"a checkpoint's stage state is a JSON object, not {type(data).__name__}", place=str(file), hint=DAMAGED)
+    both = sorted(set(data) & set(tensors))
+    if both:
+        raise FtuneError(f"field '{both[0]}' is both a tensor and a JSON value", place=str(file), hint=DAMAGED)
+    return data
 
 
 DAMAGED = "the checkpoint is damaged: move that step-* folder aside to resume from an earlier one, or start again"

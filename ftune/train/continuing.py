@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ftune.artifacts import run_checks
+from ftune.artifacts.ownership import RUN_FILE
+from ftune.artifacts.runs import output_dir, read_run
 from ftune.errors import FtuneError
+from ftune.modeling.models import run_base_path
 from ftune.recipe import Recipe
-from ftune.artifacts.runs import RUN_FILE, output_dir, read_run
 
 
 def init_from_run(init_from: str, recipe: Recipe, base_dir: Path, *, smoke: bool, key: str) -> tuple[Path, Path, str]:
@@ -30,4 +32,4 @@ def init_from_run(init_from: str, recipe: Recipe, base_dir: Path, *, smoke: bool
         raise FtuneError(f"{key}: {run_dir} has no adapter to continue from: it was full fine-tuning",
                          hint="continue it as a base model (base_model.name: its model/ folder), without init_from")
     run_checks.check_weights(run)
-    return run_dir, run.adapter_dir, run.base_path()
+    return run_dir, run.adapter_dir, run_base_path(run)

@@ -23,9 +23,11 @@ import yaml
 
 from ftune.errors import FtuneError
 from ftune.recipe import DistributedSection, Recipe
-from ftune.artifacts.runs import atomic_file
+# The mark of a launched process lives with the run lock, which reads it too; the loop asks here.
+from ftune.artifacts.lock import LAUNCHED_ENV
+from ftune.artifacts.ownership import atomic_file
+from ftune.train.progress import console
 
-LAUNCHED_ENV = "FTUNE_LAUNCHED"
 CONFIG_FILE = "accelerate_config.yaml"
 # `accelerate launch`, without the log lines and the traceback torch's launcher adds when a
 # process exits non-zero or a signal is passed on: every process has said what went wrong
@@ -107,10 +109,6 @@ def decoder_layer_class(model_path: str, trust_remote_code: bool) -> str | None:
         return None
 
 
-def is_launched() -> bool:
-    return os.environ.get(LAUNCHED_ENV) == "1"
-
-
 class LaunchFailed(FtuneError):
     def __init__(self, stage: str, code: int):
         if code == 130:
@@ -134,8 +132,8 @@ def launch_distributed(stage: str, recipe: Recipe, recipe_path: Path, overrides,
             held.callback(_remove_unused, run_dir)
         if recipe.distributed.machine_rank == 0:
             # --smoke replaces its own previous smoke run (ftune's, the ownership rule still applies)
-            plan = runs.plan_run_dir(run_dir, recipe, recipe_path, resume=resume, overwrite=overwrite or smoke)
-            held.enter_context(runs.start_run_dir(run_dir, plan))
+            plan = runs.plan_run_dir(run_dir, recipe, recipe_path, resume=resume, overwrite=overwrite or smoke, say=_say)
+            held.enter_context(runs.start_run_dir(run_dir, plan, _say))
         code = _launch(stage, recipe, recipe_path, overrides, run_dir, base_dir, smoke=smoke)
         if code != 0:
             # torch's launcher may exit 1 from its own signal handler after the processes
@@ -147,6 +145,10 @@ def launch_distributed(stage: str, recipe: Recipe, recipe_path: Path, overrides,
                 pass
             raise LaunchFailed(stage, code)
     return run_dir
+
+
+def _say(text: str) -> None:
+    console.print(text, highlight=False)
 
 
 def _remove_unused(run_dir: Path) -> None:
@@ -161,7 +163,6 @@ def _launch(stage: str, recipe: Recipe, recipe_path: Path, overrides, run_dir: P
     import torch
 
     from ftune.modeling import models
-    from ftune.train.progress import console
 
     dist = recipe.distributed
     layer_class = None

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from ftune.artifacts import runs
+from ftune.artifacts.ownership import RUN_FILE, atomic_dir, atomic_file, write_json
+from ftune.artifacts.runs import ADAPTER_DIR, INITIAL_ADAPTER_DIR, MODEL_DIR, package_versions
 from ftune.guards import bounds, textio
 from ftune.modeling import adapters
 from ftune.recipe import Recipe
-from ftune.artifacts.runs import ADAPTER_DIR, INITIAL_ADAPTER_DIR, MODEL_DIR, RUN_FILE, atomic_dir, atomic_file, package_versions, write_json
 
 
 def save_initial_adapter(model, run_dir: Path, recipe: Recipe) -> None:
@@ -133,7 +134,7 @@ def write_run_card(run_dir: Path, recipe: Recipe, report, summary: dict, samples
         for prompt, answer in samples:
             lines += [f"**{prompt}**", "", f"> {answer}", ""]
     if recipe.stage == "rm":  # a reward model loads as a sequence-classification model, and scores
-        from ftune.commands.scoring import use_lines
+        from ftune.modeling.reward_model import use_lines
 
         lines += use_lines(run_dir)
     else:

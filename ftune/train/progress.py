@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ftune.guards import textio
 from ftune.errors import FtuneError
+from ftune.guards import textio
 
 console = Console(stderr=True)
 

@@ -24,10 +24,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ftune.modeling.adapters import starts_as_identity
+from ftune.data.pairs import PairSet
 from ftune.errors import FtuneError
-from ftune.train.preference import PairSet, sequence_logps
+from ftune.modeling.adapters import starts_as_identity
 from ftune.recipe import Recipe
+from ftune.train.preference import sequence_logps
 
 
 class ReferenceLogps:

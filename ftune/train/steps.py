@@ -24,6 +24,7 @@ from ftune.recipe import Recipe, TrainingSection
 from ftune.recipe.model import MAX_EPOCH_SAMPLES
 
 SMOKE_STEPS = 3  # what `--smoke` trains: enough to pass through a step, a checkpoint and an eval
+SMOKE_EVAL = 4  # held-out items a smoke run evaluates on
 MAX_TOTAL_STEPS = 10**9  # far past any real run (a step a millisecond: eleven days); more is a typo in epochs
 
 
@@ -126,6 +127,29 @@ def plan_steps(recipe: Recipe, global_batches: list, *, items: int, unit: str, w
                            f"({steps_per_epoch:,} per epoch), more than any run could finish; set the passes over the data you mean"],
                           source)
     return StepPlan(steps_per_epoch * tc.gradient_accumulation_steps, steps_per_epoch, int(total))
+
+
+def plan_data(recipe: Recipe, data, micro_batches, *, unit: str, smoke_size: int | None, world: int,
+              source: str) -> tuple:
+    """(data, its step plan); with `smoke_size` (--smoke), the fewest training items from that many up
+    that make a step, and SMOKE_EVAL held-out ones. `data` is a stage's `Data`, cut by its `head`;
+    `micro_batches` the stage's (recipe, train, world=, epoch=) -> an epoch's global micro-batches."""
+
+    def plan(train) -> StepPlan:
+        return plan_steps(recipe, micro_batches(recipe, train, world=world, epoch=0), items=len(train),
+                          unit=unit, world=world, smoke=smoke_size is not None, source=source)
+
+    if smoke_size is None:
+        return data, plan(data.train)
+    size = smoke_size
+    while True:
+        fitted = data.head(size, SMOKE_EVAL)
+        try:
+            return fitted, plan(fitted.train)
+        except RecipeError:
+            if size >= len(data.train):
+                raise
+            size *= 2
 
 
 def _no_step(recipe: Recipe, global_batches: list, *, items: int, unit: str, world: int) -> str:

@@ -14,8 +14,8 @@ import signal
 from pathlib import Path
 
 from ftune.errors import FtuneError
-from ftune.train.progress import console
 from ftune.recipe import Recipe
+from ftune.train.progress import console
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -1,6 +1,6 @@
-"""What every training stage builds and computes: the model with its adapter, optimizer,
-schedule, token log-probs, the SFT loss and held-out loss, and how a micro-batch is split
-into forward/backward passes. Checkpoints are in checkpoints.py, the loop in stages/loop.py.
+"""What every training stage builds and computes: where the model starts, the model with its
+adapter, optimizer, schedule, token log-probs, the SFT loss and held-out loss, and how a
+micro-batch is split into forward/backward passes. Checkpoints are in checkpoints.py, the loop in loop.py.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ftune.modeling import adapters, attention, models
-from ftune.data.rendering import IGNORE
 from ftune.data.packing import Encoded, collate, micro_batches
+from ftune.data.rendering import IGNORE
 from ftune.errors import FtuneError
-from ftune.train.progress import console
+from ftune.modeling import adapters, attention, models
 from ftune.recipe import AdapterSection, Recipe, TrainingSection
+from ftune.train import continuing
+from ftune.train.progress import console
+from ftune.train.stage import Inputs
 
 
 def seed_everything(seed: int) -> None:
@@ -43,6 +45,17 @@ def build_model(recipe: Recipe, model_path: str, dtype, *, adapter_from: Path | 
     if adapter_from is not None:
         return adapters.load(model, adapter_from, is_trainable=True)
     return adapters.attach(model, recipe.adapter, model_path)
+
+
+def starting_point(recipe: Recipe, base_dir: Path, smoke: bool, continues: str | None = None) -> Inputs:
+    """Where training starts: the SFT run that the recipe key `continues` ("rm.init_from") names, which
+    fixes the base model and the starting adapter; without one, the recipe's base with a fresh adapter."""
+    init_from = getattr(getattr(recipe, continues.split(".")[0]), continues.split(".")[1]) if continues else None
+    if not init_from:
+        path = models.resolve_model_path(recipe.base_model.name, revision=recipe.base_model.revision, base_dir=base_dir)
+        return Inputs(path, None, recipe.base_model.name)
+    run_dir, adapter, model_path = continuing.init_from_run(init_from, recipe, base_dir, smoke=smoke, key=continues)
+    return Inputs(model_path, adapter, f"the SFT run {run_dir}")
 
 
 def memory_savers(model, recipe: Recipe):

@@ -18,9 +18,9 @@ import signal
 import sys
 from pathlib import Path
 
-from ftune.errors import FtuneError
 from ftune.commands.label import export, judge as judges, terminal
 from ftune.commands.label.session import Session, open_session, replace_outputs, set_answers, start
+from ftune.errors import FtuneError
 
 MAX_KEYS = 9  # answers per prompt that a single digit key can pick
 

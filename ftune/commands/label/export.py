@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from ftune.guards import textio
 from ftune.commands.label.session import BAD, GOOD, Item, Session
+from ftune.guards import textio
 
 PREFERENCES, KTO, REPORT_MD, REPORT_JSON = "preferences.jsonl", "kto.jsonl", "report.md", "report.json"
 

@@ -25,9 +25,9 @@ import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftune.guards import textio, usercode
-from ftune.errors import FtuneError
 from ftune.commands.label.session import BAD, GOOD, Item
+from ftune.errors import FtuneError
+from ftune.guards import textio, usercode
 
 EXPECTED = "a list of {n} labels ('good', 'bad', None, or ('bad', 'note')), the index of the best answer (0 to {last}), 'skip' or None"
 

@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ftune.guards import textio
-from ftune.errors import FtuneError
-from ftune.commands.label import session_check
 from ftune.artifacts.ownership import make_parents, refuse_file_on_path, refuse_inside, refuse_other_kind, refuse_protected, remove_empty
-from ftune.artifacts.runs import atomic_file
+from ftune.artifacts.ownership import atomic_file
+from ftune.commands.label import session_check
+from ftune.errors import FtuneError
+from ftune.guards import textio
 
 SESSION_FILE = "label-session.json"
 FORMAT = "ftune-label-session"

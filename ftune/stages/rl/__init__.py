@@ -1,1 +1,1 @@
-"""Online reinforcement learning for `ftune grpo`: rewards, losses and sampling."""
+"""Online reinforcement learning for `ftune grpo`: rewards, losses, sampling, a step's rollout and the run's state."""

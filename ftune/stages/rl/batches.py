@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ftune.train import training
 from ftune.data.rendering import IGNORE
+from ftune.train import training
 
 
 def packed_row(prompts: list[list[int]], completions: list[list[int]], device) -> dict:

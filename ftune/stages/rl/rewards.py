@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftune.guards import textio, usercode
 from ftune.errors import FtuneError
-from ftune.recipe import Recipe, RewardSection
+from ftune.guards import textio, usercode
 from ftune.guards.usercode_worker import plain
+from ftune.recipe import Recipe, RewardSection
 
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -71,10 +71,10 @@ def check_rewards(recipe: Recipe, base_dir: Path, rows) -> None:
             run_dir = run_dir if run_dir.is_absolute() else base_dir / run_dir
             if not run_dir.is_dir():
                 raise FtuneError(f"{at}: the reward-model run {run_dir} does not exist", hint="train one with `ftune rm RECIPE`")
-            from ftune.artifacts import runs
+            from ftune.artifacts import ownership, runs
             from ftune.modeling.reward_model import reward_model_kind
 
-            if (run_dir / runs.RUN_FILE).is_file():  # found now, not after the policy has loaded
+            if (run_dir / ownership.RUN_FILE).is_file():  # found now, not after the policy has loaded
                 runs.read_run(run_dir, expect="reward model", what=f"{at} (type: reward_model)")
             if reward_model_kind(run_dir) is None:
                 raise FtuneError(f"{at}: {run_dir} is not a reward model (an `ftune rm` run, a score-head adapter or a "

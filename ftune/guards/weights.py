@@ -3,7 +3,8 @@
 A safetensors file starts with 8 bytes (little-endian header length) and a JSON header naming
 every tensor's dtype, shape and byte range; a sharded checkpoint adds
 model.safetensors.index.json, mapping each tensor to its shard. Merge and GGUF export both
-plan their outputs from this before reading any tensor.
+plan their outputs from this before reading any tensor. A guard like the others here: a file's
+header is checked (`check_weights`) before any library is trusted to load it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftune.guards import textio
 from ftune.errors import FtuneError
+from ftune.guards import textio
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
