@@ -40,8 +40,9 @@ def formatter(tokenizer):
     return make_formatter(tokenizer)
 
 
-def build_tiny_model(out: Path, tokenizer_dir: Path, *, arch: str = "llama", seed: int = 0) -> Path:
-    """A randomly initialised model of a few MB with the demo tokenizer, saved as safetensors."""
+def build_tiny_model(out: Path, tokenizer_dir: Path, *, arch: str = "llama", seed: int = 0, **config) -> Path:
+    """A randomly initialised model of a few MB with the demo tokenizer, saved as safetensors; `config`: more
+    of the family's own settings (its experts, say)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -61,6 +62,7 @@ def build_tiny_model(out: Path, tokenizer_dir: Path, *, arch: str = "llama", see
         tie_word_embeddings=True,
         # Larger than the default 0.02 so logits have some scale and a few LoRA steps visibly learn.
         initializer_range=0.2,
+        **config,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

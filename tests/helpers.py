@@ -295,7 +295,7 @@ for pause in json.loads(os.environ["FTUNE_TEST_PAUSES"]):
             return original(*args, **kwargs)
         return paused
     setattr(owner, attr, wrap(getattr(owner, attr)))
-from ftune.cli import main
+from ftune.__main__ import main  # the installed command's entry point
 sys.argv = ["ftune", *sys.argv[1:]]
 main()
 """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -70,3 +72,35 @@ def test_models_it_cannot_serve_keep_sdpa():
     assert attention.enable(tiny("mistral", sliding_window=64), max_length=40)
     assert not attention.enable(tiny("gemma2", attn="eager"), max_length=40), "soft-capped, and not a listed family"
     assert not attention.enable(tiny("llama", attn="eager"), max_length=40), "the recipe asked for another attention"
+
+
+def test_a_family_without_sdpa_trains_with_the_attention_it_has(tmp_path, demo_model_dir, monkeypatch, capsys):
+    """gpt-oss has no SDPA path in transformers: `attn_implementation: auto` loads it with eager attention,
+    says so in one line, and SFT trains (its loss falls) instead of ending in transformers' ValueError."""
+    from conftest import build_tiny_model
+    from helpers import invoke, write_jsonl
+
+    model = build_tiny_model(tmp_path / "gpt-oss", demo_model_dir, arch="gpt_oss", num_local_experts=4, num_experts_per_tok=2)
+    write_jsonl(tmp_path / "data.jsonl", [{"prompt": f"Say {i}.", "completion": f"{i} {i} {i}."} for i in range(8)])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"stage: sft\nbase_model: {{name: {model}}}\ndata:\n  train: [{{path: data.jsonl}}]\n  max_length: 32\n"
+                      "training: {max_steps: 6, batch_size: 4, learning_rate: 0.01, warmup_ratio: 0}\noutput: {dir: run}\n")
+    code, output = invoke(["sft", str(recipe)], monkeypatch, capsys)
+    assert code == 0, output
+    assert "GptOssForCausalLM has no SDPA attention in transformers: loaded with eager attention" in output
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+
+
+def test_a_recipe_that_names_sdpa_for_such_a_family_is_told_what_to_set(tmp_path, demo_model_dir, monkeypatch, capsys):
+    from conftest import build_tiny_model
+    from helpers import assert_refused, invoke, write_jsonl
+
+    model = build_tiny_model(tmp_path / "gpt-oss", demo_model_dir, arch="gpt_oss", num_local_experts=4, num_experts_per_tok=2)
+    write_jsonl(tmp_path / "data.jsonl", [{"prompt": f"Say {i}.", "completion": f"{i}."} for i in range(8)])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"stage: sft\nbase_model: {{name: {model}, attn_implementation: sdpa}}\ndata:\n  train: [{{path: data.jsonl}}]\n"
+                      "training: {max_steps: 1}\noutput: {dir: run}\n")
+    code, output = invoke(["sft", str(recipe)], monkeypatch, capsys)
+    assert_refused(code, output, ["cannot load", "scaled_dot_product_attention", "base_model.attn_implementation"])
+    assert not (tmp_path / "run").exists()

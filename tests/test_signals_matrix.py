@@ -335,3 +335,20 @@ def test_a_second_ctrl_c_during_cleanup_still_leaves_no_half_written_output(tmp_
     output = finished(process)
     assert_stopped(process, output, "SIGINT", ["ftune data stopped"], work)
     assert snapshot(work / "out") == earlier
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_stop_while_the_command_line_is_still_loading(name, tmp_path):
+    """Before any command runs, the command line imports typer, rich and its own modules (a few tenths of
+    a second): a stop then ends ftune at once, with its one line and exit 130, never a KeyboardInterrupt traceback."""
+    marker = tmp_path / "loading"
+    child = start_paused(["validate", str(tmp_path / "recipe.yaml")], [pause_spec("typer.main:Typer.__init__", marker)])
+    wait_for(marker, child, timeout=HANG_GUARD)
+    if name == "SIGINT":
+        os.killpg(child.pid, signal.SIGINT)
+    else:
+        child.send_signal(signal.SIGTERM)
+    output = child.communicate(timeout=HANG_GUARD)[0]
+    assert child.returncode == 130, output
+    assert output.strip() == f"error: {name}: ftune stopped while starting; nothing was written", output
+    assert list(tmp_path.iterdir()) == [marker]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from ftune.artifacts.ownership import atomic_dir
@@ -287,8 +288,22 @@ def load_model(path: str, *, dtype, quantization=None, trust_remote_code: bool =
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     if score_head:
         kwargs["num_labels"] = 1
+    auto = AutoModelForSequenceClassification if score_head else AutoModelForCausalLM
     try:
-        model = (AutoModelForSequenceClassification if score_head else AutoModelForCausalLM).from_pretrained(path, use_safetensors=True, **kwargs)
+        try:
+            model = auto.from_pretrained(path, use_safetensors=True, **kwargs)
+        except ValueError as exc:
+            # A family whose transformers class has no SDPA path (gpt-oss) refuses "sdpa" before loading
+            # a weight; "auto" then means the attention it does have. A recipe that names sdpa keeps the error.
+            if attn_implementation != "auto" or "does not support an attention implementation" not in str(exc):
+                raise
+            kwargs["attn_implementation"] = "eager"
+            model = auto.from_pretrained(path, use_safetensors=True, **kwargs)
+            _note_once(f"note: {type(model).__name__} has no SDPA attention in transformers: loaded with eager attention "
+                       "(slower and more memory for long rows)")
+    except ValueError as exc:
+        raise FtuneError(f"cannot load {path}: {str(exc).splitlines()[0][:300]}",
+                         hint="set base_model.attn_implementation to one this model supports (eager, sdpa, flash_attention_2)") from None
     except ImportError as exc:
         raise FtuneError(f"cannot load {path}: {exc}") from None
     except OSError as exc:
@@ -306,6 +321,16 @@ def load_model(path: str, *, dtype, quantization=None, trust_remote_code: bool =
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
     return model
+
+
+_NOTED: set[str] = set()
+
+
+def _note_once(text: str) -> None:
+    """A note on stderr, once a process: a model loaded several times (merge parity, eval) says it once."""
+    if text not in _NOTED:
+        _NOTED.add(text)
+        print(text, file=sys.stderr, flush=True)
 
 
 def bnb_config(quantization, dtype):

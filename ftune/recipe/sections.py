@@ -61,7 +61,8 @@ class BaseModelSection(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description=(
             "Attention kernel. auto: sdpa, and when training on packed rows, SDPA run sample by sample on "
-            "Llama, Mistral, Qwen2/3, Phi-3, OLMo-2 and Granite models (ftune/modeling/attention.py)."
+            "Llama, Mistral, Qwen2/3, Phi-3, OLMo-2 and Granite models (ftune/modeling/attention.py); eager "
+            "for a family transformers has no SDPA path for (gpt-oss), said when the model loads."
         ),
     )
 
