@@ -451,3 +451,15 @@ def test_chat_never_trusts_remote_code_because_a_run_directory_says_so(tmp_path,
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
     invoke(["chat", str(run), "--prompt", "hi", "--max-new-tokens", "2", "--temperature", "0", "--trust-remote-code"], monkeypatch, capsys)
     assert ran.exists()
+
+
+def test_a_run_lock_that_is_a_link_is_refused_and_what_it_names_survives(tmp_path):
+    """run.lock is written, truncated and removed by the lock: as a link it would do all that to the file it names."""
+    mine = tmp_path / "notes.txt"
+    mine.write_text("a user's file\n")
+    run_dir = tmp_path / "held"
+    run_dir.mkdir()
+    (run_dir / lock.LOCK_FILE).symlink_to(mine)
+    with pytest.raises(OSError):
+        lock.RunLock(run_dir).acquire()
+    assert mine.read_text() == "a user's file\n" and (run_dir / lock.LOCK_FILE).is_symlink()

@@ -68,7 +68,9 @@ class RunLock:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _attempt in range(20):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a run.lock that is a link is nobody's lock; following it would truncate,
+            # rewrite and finally unlink whatever it names. The open fails (ELOOP) and the error names the path.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
                 if not _try_lock(fd, self.path):
                     raise RunLocked(self.run_dir, _read(self.path) or {})
