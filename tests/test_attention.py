@@ -74,13 +74,21 @@ def test_models_it_cannot_serve_keep_sdpa():
     assert not attention.enable(tiny("llama", attn="eager"), max_length=40), "the recipe asked for another attention"
 
 
-def test_a_family_without_sdpa_trains_with_the_attention_it_has(tmp_path, demo_model_dir, monkeypatch, capsys):
+
+@pytest.fixture(scope="module")
+def tiny_gpt_oss(tmp_path_factory, demo_model_dir):
+    """A tiny gpt-oss (4 experts, 2 a token): a family whose transformers class has no SDPA path."""
+    from conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("gpt-oss") / "model", demo_model_dir, arch="gpt_oss",
+                            num_local_experts=4, num_experts_per_tok=2)
+
+def test_a_family_without_sdpa_trains_with_the_attention_it_has(tmp_path, tiny_gpt_oss, monkeypatch, capsys):
     """gpt-oss has no SDPA path in transformers: `attn_implementation: auto` loads it with eager attention,
     says so in one line, and SFT trains (its loss falls) instead of ending in transformers' ValueError."""
-    from conftest import build_tiny_model
     from helpers import invoke, write_jsonl
 
-    model = build_tiny_model(tmp_path / "gpt-oss", demo_model_dir, arch="gpt_oss", num_local_experts=4, num_experts_per_tok=2)
+    model = tiny_gpt_oss
     write_jsonl(tmp_path / "data.jsonl", [{"prompt": f"Say {i}.", "completion": f"{i} {i} {i}."} for i in range(8)])
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"stage: sft\nbase_model: {{name: {model}}}\ndata:\n  train: [{{path: data.jsonl}}]\n  max_length: 32\n"
@@ -92,11 +100,10 @@ def test_a_family_without_sdpa_trains_with_the_attention_it_has(tmp_path, demo_m
     assert len(losses) == 6 and losses[-1] < losses[0], losses
 
 
-def test_a_recipe_that_names_sdpa_for_such_a_family_is_told_what_to_set(tmp_path, demo_model_dir, monkeypatch, capsys):
-    from conftest import build_tiny_model
+def test_a_recipe_that_names_sdpa_for_such_a_family_is_told_what_to_set(tmp_path, tiny_gpt_oss, monkeypatch, capsys):
     from helpers import assert_refused, invoke, write_jsonl
 
-    model = build_tiny_model(tmp_path / "gpt-oss", demo_model_dir, arch="gpt_oss", num_local_experts=4, num_experts_per_tok=2)
+    model = tiny_gpt_oss
     write_jsonl(tmp_path / "data.jsonl", [{"prompt": f"Say {i}.", "completion": f"{i}."} for i in range(8)])
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"stage: sft\nbase_model: {{name: {model}, attn_implementation: sdpa}}\ndata:\n  train: [{{path: data.jsonl}}]\n"
